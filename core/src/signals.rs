@@ -1,0 +1,110 @@
+//! In-process wake-ups for duplicates waiting on a key that another request is executing.
+//!
+//! A waiter subscribes *before* it looks at the store, then awaits the subscription; the owner
+//! notifies *after* its outcome is stored. Whatever the interleaving, a waiter therefore either
+//! sees the stored outcome or is woken after it, and never sleeps through a completion. Waiters
+//! on other processes cannot be woken this way; they poll the store instead.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use crate::sync::{Arc, Mutex, lock};
+
+/// One key's notification point: a generation counter and the tasks waiting for it to move.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    generation: u64,
+    wakers: Vec<Waker>,
+}
+
+/// A registry of keys that have waiters.
+pub struct Signals<K> {
+    slots: Mutex<HashMap<K, Arc<Slot>>>,
+}
+
+impl<K: Hash + Eq + Clone> Default for Signals<K> {
+    fn default() -> Self {
+        Self {
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Signals<K> {
+    /// Starts listening for the next notification of `key`.
+    pub fn subscribe(self: &Arc<Self>, key: &K) -> Subscription<K> {
+        let slot = lock(&self.slots).entry(key.clone()).or_default().clone();
+        let seen = lock(&slot.state).generation;
+        Subscription {
+            signals: self.clone(),
+            key: key.clone(),
+            slot,
+            seen,
+        }
+    }
+
+    /// Wakes every subscriber of `key`.
+    pub fn notify(&self, key: &K) {
+        let Some(slot) = lock(&self.slots).get(key).cloned() else {
+            return;
+        };
+        let wakers = {
+            let mut state = lock(&slot.state);
+            state.generation += 1;
+            std::mem::take(&mut state.wakers)
+        };
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// How many keys have live subscribers (for tests and metrics).
+    pub fn keys_waited_on(&self) -> usize {
+        lock(&self.slots).len()
+    }
+}
+
+/// A future that completes at the first notification of its key after it was created.
+pub struct Subscription<K: Hash + Eq + Clone> {
+    signals: Arc<Signals<K>>,
+    key: K,
+    slot: Arc<Slot>,
+    seen: u64,
+}
+
+impl<K: Hash + Eq + Clone> Future for Subscription<K> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = lock(&self.slot.state);
+        if state.generation != self.seen {
+            return Poll::Ready(());
+        }
+        if !state.wakers.iter().any(|waker| waker.will_wake(cx.waker())) {
+            state.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl<K: Hash + Eq + Clone> Drop for Subscription<K> {
+    fn drop(&mut self) {
+        // The last subscriber removes the slot, so keys nobody waits on cost nothing.
+        let mut slots = lock(&self.signals.slots);
+        let ours = slots
+            .get(&self.key)
+            .is_some_and(|slot| Arc::ptr_eq(slot, &self.slot));
+        // Two references remain when we are the last subscriber: the map's and ours.
+        if ours && Arc::strong_count(&self.slot) == 2 {
+            slots.remove(&self.key);
+        }
+    }
+}
