@@ -316,6 +316,26 @@ pub fn complete_on(
     Ok(())
 }
 
+/// Extends the lease of the record owned by `token` to `now + policy.lease`: the heartbeat of
+/// an owner that is alive but slow, so that no retry takes over work that is still running.
+///
+/// # Errors
+///
+/// [`Fenced`] when `token` no longer owns the record; nothing changes then.
+pub fn renew_on(
+    slot: &mut Option<Record>,
+    token: u64,
+    now: Timestamp,
+    policy: &Policy,
+) -> Result<Timestamp, Fenced> {
+    check_owner(slot, token)?;
+    let lease_expires_at = now.plus(policy.lease);
+    if let Some(record) = slot.as_mut() {
+        record.state = RecordState::InFlight { lease_expires_at };
+    }
+    Ok(lease_expires_at)
+}
+
 /// Forgets the in-flight record owned by `token`, so a retry executes afresh.
 ///
 /// A release by a token that no longer owns the record changes nothing.

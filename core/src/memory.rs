@@ -113,6 +113,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn renew(&self, lease: &Lease) -> Result<Timestamp, StoreError> {
+        let now = self.clock.now();
+        let expires_at = self.with_slot(&lease.scope, |slot| {
+            engine::renew_on(slot, lease.token, now, &self.policy)
+        })?;
+        Ok(expires_at)
+    }
+
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         self.with_slot(&lease.scope, |slot| engine::release_on(slot, lease.token));
         Ok(())

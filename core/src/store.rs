@@ -146,6 +146,13 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Fenced`] when the lease was taken over, or the store is unavailable.
     async fn complete(&self, lease: &Lease, response: StoredResponse) -> Result<(), StoreError>;
 
+    /// Extends the lease `lease` holds by the policy's lease from now (the owner's heartbeat).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Fenced`] when the lease was taken over, or the store is unavailable.
+    async fn renew(&self, lease: &Lease) -> Result<Timestamp, StoreError>;
+
     /// Gives the key up so that a retry executes afresh; a lost lease changes nothing.
     ///
     /// # Errors

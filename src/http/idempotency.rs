@@ -63,6 +63,12 @@ pub const IN_FLIGHT_WAIT_DEFAULT: Duration = Duration::from_secs(2);
 /// (the original runs in another process, or its owner died).
 pub const POLL_INTERVAL_DEFAULT: Duration = Duration::from_millis(100);
 
+/// Renewals per lease length: a renewal can fail twice and the lease still holds.
+const LEASE_RENEWALS_PER_LEASE: u32 = 3;
+/// How long a running request keeps renewing its lease. A handler stuck for longer is presumed
+/// hung; its lease then runs out and a retry may take the key over (its own commit is fenced).
+const RENEWAL_WINDOW: Duration = Duration::from_secs(600);
+
 /// Checks a parsed body before the key is claimed; `route` is the matched route template.
 pub type Validator = Arc<dyn Fn(&str, Option<&Value>) -> Result<(), ApiError> + Send + Sync>;
 
@@ -337,22 +343,54 @@ where
         tracing::warn!(key = %lease.scope.key, tenant = %lease.scope.tenant, "took over an expired lease");
         shared.metrics.idempotency(Outcome::Takeover);
     }
-    if let Err(err) = prepared.faults.fire(Point::AfterClaim).await {
-        release(&shared, &lease).await;
-        return err.into_response();
-    }
     let faults = prepared.faults.clone();
-    let mut request = Request::from_parts(prepared.parts, Body::from(prepared.bytes));
-    request.extensions_mut().insert(Claim {
-        lease: lease.clone(),
-        body: prepared.body,
-        faults: prepared.faults,
-    });
-    let response = match inner.call(request).await {
+    let work = async {
+        prepared.faults.fire(Point::AfterClaim).await?;
+        let mut request = Request::from_parts(prepared.parts, Body::from(prepared.bytes));
+        request.extensions_mut().insert(Claim {
+            lease: lease.clone(),
+            body: prepared.body,
+            faults: prepared.faults,
+        });
+        match inner.call(request).await {
+            Ok(response) => Ok::<Response, ApiError>(response),
+            Err(never) => match never {},
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = work => outcome,
+        never = heartbeat(&shared, &lease) => match never {},
+    };
+    let response = match outcome {
         Ok(response) => response,
-        Err(never) => match never {},
+        Err(err) => {
+            release(&shared, &lease).await;
+            return err.into_response();
+        }
     };
     finish(&shared, &lease, &faults, response).await
+}
+
+/// Renews the lease every third of its length while the handler runs, so a slow but live owner
+/// keeps its key; only a dead or stuck one loses it. Never returns.
+async fn heartbeat(shared: &Shared, lease: &Lease) -> Infallible {
+    let period = shared.store.policy().lease / LEASE_RENEWALS_PER_LEASE;
+    let give_up_at = tokio::time::Instant::now() + RENEWAL_WINDOW;
+    loop {
+        tokio::time::sleep(period).await;
+        if tokio::time::Instant::now() >= give_up_at {
+            tracing::warn!(key = %lease.scope.key, "request still running; no longer renewing its lease");
+            return std::future::pending().await;
+        }
+        match shared.store.renew(lease).await {
+            Ok(_) => {}
+            // Someone took over: stop renewing; the commit will be fenced.
+            Err(StoreError::Fenced(_)) => return std::future::pending().await,
+            Err(err) => {
+                tracing::warn!(error = %err, key = %lease.scope.key, "lease renewal failed")
+            }
+        }
+    }
 }
 
 /// Meets the store, waiting while a duplicate runs: answers the lease to execute under, or the

@@ -23,7 +23,7 @@ use oncepay_core::store::{
     ListQuery, NewPayment, NewRefund, Page, RefundResult, RenderRefund, Store, StoreError,
     SweepReport,
 };
-use oncepay_core::time::Clock;
+use oncepay_core::time::{Clock, Timestamp};
 use oncepay_core::wire::{CustomerId, Payment, PaymentId, Rewards, TenantId};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -235,6 +235,18 @@ impl Store for SqliteStore {
             let mut slot = rows::load_record(connection, &lease.scope)?;
             engine::complete_on(&mut slot, lease.token, response, now)?;
             rows::save_record(connection, &lease.scope, slot.as_ref())
+        })
+        .await
+    }
+
+    async fn renew(&self, lease: &Lease) -> Result<Timestamp, StoreError> {
+        let lease = lease.clone();
+        self.write(move |connection, context| {
+            let mut slot = rows::load_record(connection, &lease.scope)?;
+            let now = context.clock.now();
+            let expires_at = engine::renew_on(&mut slot, lease.token, now, &context.policy)?;
+            rows::save_record(connection, &lease.scope, slot.as_ref())?;
+            Ok(expires_at)
         })
         .await
     }
