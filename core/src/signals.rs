@@ -40,11 +40,11 @@ impl<K: Hash + Eq + Clone> Default for Signals<K> {
 
 impl<K: Hash + Eq + Clone> Signals<K> {
     /// Starts listening for the next notification of `key`.
-    pub fn subscribe(self: &Arc<Self>, key: &K) -> Subscription<K> {
-        let slot = lock(&self.slots).entry(key.clone()).or_default().clone();
+    pub fn subscribe(this: &Arc<Self>, key: &K) -> Subscription<K> {
+        let slot = lock(&this.slots).entry(key.clone()).or_default().clone();
         let seen = lock(&slot.state).generation;
         Subscription {
-            signals: self.clone(),
+            signals: this.clone(),
             key: key.clone(),
             slot,
             seen,
@@ -52,8 +52,12 @@ impl<K: Hash + Eq + Clone> Signals<K> {
     }
 
     /// Wakes every subscriber of `key`.
+    ///
+    /// The slot leaves the map here: everyone subscribed so far is woken through it, and later
+    /// subscribers start a fresh one. Taking it out under the map lock also means no reference
+    /// to a slot ever exists outside the map's bookkeeping, which the cleanup in `Drop` counts on.
     pub fn notify(&self, key: &K) {
-        let Some(slot) = lock(&self.slots).get(key).cloned() else {
+        let Some(slot) = lock(&self.slots).remove(key) else {
             return;
         };
         let wakers = {

@@ -403,7 +403,7 @@ async fn wait_for_turn(
     let deadline = tokio::time::Instant::now() + shared.config.in_flight_wait;
     loop {
         // Subscribe before looking, so a completion between the look and the wait still wakes us.
-        let completion = shared.signals.subscribe(scope);
+        let completion = Signals::subscribe(&shared.signals, scope);
         let begin = shared.store.begin(scope, fingerprint).await;
         let retry_after_secs = match begin {
             Ok(Begin::Execute(lease)) => return Ok(lease),
