@@ -156,7 +156,7 @@ pub fn decide(
         RecordState::InFlight { lease_expires_at } => {
             if record.fingerprint != *fingerprint {
                 Decision::Reused
-            } else if now >= *lease_expires_at {
+            } else if lease_over(now, *lease_expires_at) {
                 Decision::TakeOver
             } else {
                 Decision::Wait {
@@ -165,6 +165,15 @@ pub fn decide(
             }
         }
     }
+}
+
+/// Whether a lease ending at `lease_expires_at` is over at `now`: it covers up to, not including,
+/// its end.
+fn lease_over(now: Timestamp, lease_expires_at: Timestamp) -> bool {
+    if cfg!(feature = "mutant-lease-boundary") {
+        return now > lease_expires_at;
+    }
+    now >= lease_expires_at
 }
 
 /// Whole seconds in `lease_left`, rounded up and at least 1.
@@ -285,6 +294,9 @@ pub struct Fenced;
 ///
 /// [`Fenced`] when the record is gone, completed or owned by a newer token.
 pub fn check_owner(slot: &Option<Record>, token: u64) -> Result<(), Fenced> {
+    if cfg!(feature = "mutant-no-fencing") {
+        return Ok(());
+    }
     match slot {
         Some(Record {
             token: current,

@@ -75,6 +75,7 @@ impl RequestShape<'_> {
         }
         part(self.query.as_bytes());
         match self.body {
+            Some(_) if cfg!(feature = "mutant-fingerprint-ignores-body") => part(b""),
             Some(body) => part(&canonical_json(body)),
             None => part(b""),
         }

@@ -100,6 +100,16 @@ impl Store for MemoryStore {
     async fn begin(&self, scope: &Scope, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
         let now = self.clock.now();
         let next_token = || self.last_token.fetch_add(1, Ordering::SeqCst) + 1;
+        if cfg!(feature = "mutant-check-then-act") {
+            // The bug: look, let go of the lock, then write what the stale look decided.
+            let mut slot = lock(self.shard(scope)).get(scope).cloned();
+            let begin =
+                engine::begin_on(&mut slot, scope, fingerprint, now, &self.policy, next_token);
+            if let Some(record) = slot {
+                lock(self.shard(scope)).insert(scope.clone(), record);
+            }
+            return Ok(begin);
+        }
         Ok(self.with_slot(scope, |slot| {
             engine::begin_on(slot, scope, fingerprint, now, &self.policy, next_token)
         }))
@@ -187,12 +197,25 @@ impl Store for MemoryStore {
         render: RenderRefund,
     ) -> Result<RefundResult, StoreError> {
         let now = self.clock.now();
-        let book = self.book(&lease.scope.tenant);
+        let book_handle = self.book(&lease.scope.tenant);
         self.with_slot(&lease.scope, |slot| {
             check_owner(slot, lease.token)?;
-            let mut book = lock(&book);
+            let mut book = lock(&book_handle);
             if book.refund_attempts.contains(&attempt(lease)) {
                 return Err(StoreError::DuplicateSideEffect);
+            }
+            if cfg!(feature = "mutant-refund-check-outside-transaction") {
+                // The bug: decide on a copy of the payment read before the lock is let go.
+                let stale = book
+                    .by_id
+                    .get(&new.payment_id)
+                    .map(|&i| book.payments[i].clone());
+                drop(book);
+                crate::sync::yield_now();
+                book = lock(&book_handle);
+                if let (Some(stale), Some(&i)) = (stale, book.by_id.get(&new.payment_id)) {
+                    book.payments[i].amount_refunded = stale.amount_refunded;
+                }
             }
             let Some(outcome) = refund_in_book(&mut book, lease, new) else {
                 return Ok(RefundResult::PaymentNotFound);

@@ -13,6 +13,15 @@ pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
 
+/// Lets another thread run (a scheduling point for loom).
+#[allow(dead_code)]
+pub(crate) fn yield_now() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+}
+
 /// Locks a mutex, carrying on with the data if a panicking thread poisoned it.
 ///
 /// Every critical section in this crate leaves its data consistent before it can panic (the

@@ -282,8 +282,8 @@ async fn prepare(shared: &Shared, request: Request) -> Result<Prepared, ApiError
     }
     .fingerprint();
     let tenant = match parts.extensions.get::<TenantId>() {
-        Some(tenant) => tenant.clone(),
-        None => TenantId::from(DEFAULT_TENANT),
+        Some(tenant) if !cfg!(feature = "mutant-tenant-not-in-scope") => tenant.clone(),
+        _ => TenantId::from(DEFAULT_TENANT),
     };
     Ok(Prepared {
         parts,
@@ -459,7 +459,8 @@ async fn finish(shared: &Shared, lease: &Lease, faults: &Faults, response: Respo
         return after_commit(faults, response).await;
     }
     let status = response.status();
-    if !(status.is_success() || status == StatusCode::PAYMENT_REQUIRED) {
+    let stores_failures = cfg!(feature = "mutant-store-transient-5xx") && status.is_server_error();
+    if !(status.is_success() || status == StatusCode::PAYMENT_REQUIRED || stores_failures) {
         // Not a final outcome (validation, a 5xx, a lost lease): a retry must execute again.
         release(shared, lease).await;
         shared.metrics.idempotency(Outcome::Released);

@@ -47,6 +47,49 @@ async fn racing_requests_with_one_key_and_different_bodies_execute_once() {
             assert_eq!(again.body, created[0].body);
             assert_eq!(service.pay(&key, loser_body).await.status, 422);
         }
+        // No request ever executed beside a live owner: no commit was fenced off.
+        assert_eq!(service.outcome_count("fenced").await, 0, "{kind:?}");
+        assert_eq!(service.outcome_count("takeover").await, 0, "{kind:?}");
+    }
+}
+
+// Layers that cached every answer made a transient failure permanent; layers that cached
+// nothing re-ran work that had already committed.
+#[tokio::test]
+async fn a_failure_before_the_commit_releases_the_key_and_one_after_it_changes_nothing() {
+    for kind in KINDS {
+        let service = Harness::new(kind);
+        for point in ["after_claim", "before_commit"] {
+            let key = fresh(point);
+            let failed = service
+                .pay_with_fault(&key, P1, &format!("{point}=fail"))
+                .await;
+            assert_eq!(
+                (failed.status.as_u16(), failed.code()),
+                (500, "internal_error".into())
+            );
+            assert_eq!(
+                service.payments_with_key(ACME, &key).await.len(),
+                0,
+                "{kind:?} {point}"
+            );
+            let retry = service.pay(&key, P1).await;
+            assert_eq!(
+                (retry.status, retry.replayed()),
+                (StatusCode::CREATED, false),
+                "{kind:?} {point}"
+            );
+        }
+        let key = fresh("after_commit");
+        let failed = service.pay_with_fault(&key, P1, "after_commit=fail").await;
+        assert_eq!(failed.status, 500);
+        let retry = service.pay(&key, P1).await;
+        assert_eq!(
+            (retry.status, retry.replayed()),
+            (StatusCode::CREATED, true),
+            "{kind:?}"
+        );
+        assert_eq!(service.payments_with_key(ACME, &key).await.len(), 1);
     }
 }
 

@@ -215,6 +215,15 @@ impl Harness {
         reply.json()["data"].as_array().cloned().unwrap_or_default()
     }
 
+    /// A counter of `oncepay_idempotency_outcomes_total`, read from `/metrics`.
+    pub async fn outcome_count(&self, outcome: &str) -> u64 {
+        let text = String::from_utf8(self.get("/metrics", "").await.body).unwrap();
+        let prefix = format!("oncepay_idempotency_outcomes_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map_or(0, |count| count.trim().parse().unwrap())
+    }
+
     /// Every payment of the tenant, counted through the API.
     pub async fn all_payments(&self, api_key: &str) -> Vec<Value> {
         let mut all = Vec::new();

@@ -199,9 +199,18 @@ impl Store for SqliteStore {
 
     async fn begin(&self, scope: &Scope, fingerprint: &Fingerprint) -> Result<Begin, StoreError> {
         let (scope, fingerprint) = (scope.clone(), *fingerprint);
+        // The check-then-act bug for the mutation proof: decide on a read taken outside the
+        // writer, so two racing claims can both see the key free.
+        let stale = match cfg!(feature = "mutant-check-then-act") {
+            true => Some(self.record(&scope).await?),
+            false => None,
+        };
         self.write(move |connection, context| {
             let now = context.clock.now();
-            let mut slot = rows::load_record(connection, &scope)?;
+            let mut slot = match stale {
+                Some(stale) => stale,
+                None => rows::load_record(connection, &scope)?,
+            };
             let before = slot.clone();
             let mut token_error = None;
             let begin = engine::begin_on(
