@@ -25,18 +25,20 @@ LAYERS=(decision-table model loom api)
 
 run_layer() {
   local layer=$1 feature=$2 scope=$3
+  local build=()
+  [ -n "${NO_RUN:-}" ] && build=(--no-run)
   case "$layer" in
     decision-table)
       [ "$scope" = core ] || return 2
-      cargo test -q -p oncepay-core --features "$feature" --test decision_table ;;
+      cargo test -q -p oncepay-core --features "$feature" --test decision_table "${build[@]}" ;;
     model)
-      cargo test -q --features "$feature" --test stores ;;
+      cargo test -q --features "$feature" --test stores "${build[@]}" ;;
     loom)
       [ "$scope" = core ] || return 2
       RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 CARGO_TARGET_DIR="$CARGO_TARGET_DIR/loom" \
-        cargo test -q -p oncepay-core --release --features "$feature" --test loom ;;
+        cargo test -q -p oncepay-core --release --features "$feature" --test loom "${build[@]}" ;;
     api)
-      cargo test -q --features "$feature" --test api ;;
+      cargo test -q --features "$feature" --test api "${build[@]}" ;;
   esac
 }
 
@@ -50,10 +52,19 @@ for entry in "${MUTANTS[@]}"; do
   row="| $name |"
   for layer in "${LAYERS[@]}"; do
     echo "== $name: $layer" >&2
+    # Build first: a mutant that does not compile proves nothing and must not count as killed.
+    NO_RUN=1 run_layer "$layer" "$feature" "$scope" >/dev/null 2>&1
+    code=$?
+    if [ "$code" -eq 2 ]; then
+      row="$row n/a |"
+      continue
+    elif [ "$code" -ne 0 ]; then
+      echo "$name does not build for the $layer layer" >&2
+      exit 2
+    fi
     run_layer "$layer" "$feature" "$scope" >/dev/null 2>&1
     case $? in
       0) verdict="survived" ;;
-      2) verdict="n/a" ;;
       *) verdict="**killed**" ;;
     esac
     if [[ " $meant " == *" $layer "* ]]; then

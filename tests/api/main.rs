@@ -4,4 +4,6 @@
 mod cases;
 mod contract;
 mod harness;
+mod model;
 mod money;
+mod surface;
