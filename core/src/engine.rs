@@ -150,7 +150,7 @@ pub fn decide(
             } else if record.fingerprint != *fingerprint {
                 Decision::Reused
             } else {
-                Decision::Replay
+                Decision::Claim
             }
         }
         RecordState::InFlight { lease_expires_at } => {

@@ -10,12 +10,15 @@
 //! - [`memory`]: the in-memory store, built on [`sync`] so loom can check it.
 //! - [`signals`]: in-process wake-ups for duplicates waiting on an in-flight key.
 //! - [`validate`] and [`wire`]: request validation and the JSON shapes shared with the client.
-//! - [`model`]: the reference model that property tests hold every store to.
+//! - [`model`]: the reference model that property tests hold every store to, and `conformance`
+//!   (feature `conformance`): the model as a proptest state machine over any set of stores.
 //! - [`time`]: timestamps and the injected clock.
 //!
 //! The crate has no networking or runtime dependency, so `RUSTFLAGS="--cfg loom"` builds it
 //! with loom's primitives swapped in.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod engine;
 pub mod fingerprint;
 pub mod key;
