@@ -14,7 +14,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use proptest_state_machine::{ReferenceStateMachine, StateMachineTest};
 
-use crate::engine::{Begin, Lease, Policy, Scope, StoredResponse};
+use crate::engine::{Begin, Lease, Policy, RecordState, Scope, StoredResponse};
 use crate::fingerprint::Fingerprint;
 use crate::key::IdempotencyKey;
 use crate::model::{Expected, Model, Op, Owner};
@@ -109,6 +109,7 @@ impl ReferenceStateMachine for TheModel {
             3 => any::<usize>().prop_map(Op::Complete),
             1 => any::<usize>().prop_map(Op::Release),
             1 => any::<usize>().prop_map(Op::Crash),
+            1 => any::<usize>().prop_map(Op::Renew),
             // Steps of 500 ms add up to the limits exactly, so boundaries are hit often.
             2 => prop_oneof![Just(1u64), (1u64..8).prop_map(|n| n * 500)].prop_map(Op::Tick),
             2 => prop_oneof![Just(LEASE_MS), Just(RETENTION_MS), Just(TOMBSTONE_MS), Just(LEASE_MS - 1)].prop_map(Op::Tick),
@@ -119,7 +120,9 @@ impl ReferenceStateMachine for TheModel {
 
     fn apply(mut state: Reference, op: &Op) -> Reference {
         state.owner = match op {
-            Op::Complete(n) | Op::Release(n) | Op::Crash(n) => state.model.owner(*n).cloned(),
+            Op::Complete(n) | Op::Release(n) | Op::Crash(n) | Op::Renew(n) => {
+                state.model.owner(*n).cloned()
+            }
             _ => None,
         };
         state.expected = state.model.apply(op);
@@ -174,9 +177,15 @@ impl<F: Fixture> StateMachineTest for Stores<F> {
                 }
             }
             Op::Tick(ms) => sut.clock.advance(Duration::from_millis(ms)),
+            Op::Renew(_) => sut.renew(reference, expected),
             Op::Sweep => {
-                for (_, store) in sut.fixture.stores() {
-                    sut.fixture.block_on(store.sweep()).unwrap();
+                for (name, store) in sut.fixture.stores() {
+                    let report = sut.fixture.block_on(store.sweep()).unwrap();
+                    let got = Expected::Swept {
+                        tombstoned: report.tombstoned,
+                        deleted: report.deleted,
+                    };
+                    assert_eq!(got, *expected, "{name}: what the sweep did");
                 }
             }
         }
@@ -184,6 +193,22 @@ impl<F: Fixture> StateMachineTest for Stores<F> {
     }
 
     fn check_invariants(sut: &Self, reference: &Reference) {
+        // Every store holds each key in the state the model has it in.
+        for (tenant, key) in (0..2).flat_map(|t| (0..2).map(move |k| (t, k))) {
+            let expected = reference.model.state_of((tenant, key));
+            for (name, store) in sut.fixture.stores() {
+                let record = sut
+                    .fixture
+                    .block_on(store.record(&scope(tenant, key)))
+                    .unwrap();
+                let got = record.map(|r| match r.state {
+                    RecordState::InFlight { .. } => "in_flight",
+                    RecordState::Completed { .. } => "completed",
+                    RecordState::Tombstone { .. } => "tombstone",
+                });
+                assert_eq!(got, expected, "{name}: the record of ({tenant}, {key})");
+            }
+        }
         // At most one payment per completion the model saw, per key, in every store.
         for ((tenant, key), completions) in &reference.model.completions {
             let scope = scope(*tenant, *key);
@@ -273,6 +298,22 @@ impl<F: Fixture> Stores<F> {
                 (Expected::Completed { .. }, Ok(()))
                 | (Expected::Fenced, Err(StoreError::Fenced(_))) => {}
                 (expected, result) => panic!("{name}: expected {expected:?}, got {result:?}"),
+            }
+        }
+    }
+
+    fn renew(&mut self, reference: &Reference, expected: &Expected) {
+        let Some(owner) = &reference.owner else {
+            return;
+        };
+        let leases = &self.leases[&owner.id];
+        for ((name, store), lease) in self.fixture.stores().iter().zip(leases) {
+            let renewed = self.fixture.block_on(store.renew(lease));
+            let lease_ends = Timestamp(self.clock.now().as_millis() + LEASE_MS);
+            match (expected, renewed) {
+                (Expected::Renewed, Ok(ends)) => assert_eq!(ends, lease_ends, "{name}"),
+                (Expected::Fenced, Err(StoreError::Fenced(_))) => {}
+                (expected, got) => panic!("{name}: expected {expected:?}, got {got:?}"),
             }
         }
     }

@@ -150,7 +150,7 @@ pub fn decide(
             } else if record.fingerprint != *fingerprint {
                 Decision::Reused
             } else {
-                Decision::Claim
+                Decision::Replay
             }
         }
         RecordState::InFlight { lease_expires_at } => {

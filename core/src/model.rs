@@ -27,6 +27,8 @@ pub enum Op {
     Release(usize),
     /// The `n`-th open owner dies without a word.
     Crash(usize),
+    /// The `n`-th open owner renews its lease (the heartbeat of a slow but live owner).
+    Renew(usize),
     /// Time moves forward.
     Tick(u64),
     /// The retention sweeper runs.
@@ -62,7 +64,16 @@ pub enum Expected {
     },
     /// The owner had lost its lease; nothing was stored.
     Fenced,
-    /// Nothing to observe (release, crash, tick, sweep, or no owner to act on).
+    /// The lease was renewed.
+    Renewed,
+    /// The sweeper turned this many responses into tombstones and deleted this many records.
+    Swept {
+        /// Completed records whose body was dropped.
+        tombstoned: u64,
+        /// Records deleted.
+        deleted: u64,
+    },
+    /// Nothing to observe (release, crash, tick, or no owner to act on).
     Nothing,
 }
 
@@ -137,10 +148,8 @@ impl Model {
                 self.now_ms += ms;
                 Expected::Nothing
             }
-            Op::Sweep => {
-                self.sweep();
-                Expected::Nothing
-            }
+            Op::Renew(n) => self.renew(n),
+            Op::Sweep => self.sweep(),
         }
     }
 
@@ -230,21 +239,64 @@ impl Model {
         }
     }
 
-    fn sweep(&mut self) {
+    fn renew(&mut self, n: usize) -> Expected {
+        let Some(owner) = self.owner(n).cloned() else {
+            return Expected::Nothing;
+        };
+        let lease_until = self.now_ms + self.lease_ms;
+        match self.entries.get_mut(&owner.key) {
+            Some(Entry {
+                phase:
+                    Phase::Running {
+                        owner: id,
+                        lease_until_ms,
+                    },
+                ..
+            }) if *id == owner.id => {
+                *lease_until_ms = lease_until;
+                Expected::Renewed
+            }
+            _ => Expected::Fenced,
+        }
+    }
+
+    fn sweep(&mut self) -> Expected {
         let now = self.now_ms;
         let (retention, tombstone) = (self.retention_ms, self.tombstone_ms);
+        let before = self.entries.len() as u64;
         self.entries.retain(|_, entry| match entry.phase {
             Phase::Running { lease_until_ms, .. } => now < lease_until_ms + retention,
             Phase::Done { at_ms, .. } | Phase::Gone { at_ms } => {
                 now < at_ms + retention + tombstone
             }
         });
+        let deleted = before - self.entries.len() as u64;
+        let mut tombstoned = 0;
         for entry in self.entries.values_mut() {
             if let Phase::Done { at_ms, .. } = entry.phase
                 && now >= at_ms + retention
             {
                 entry.phase = Phase::Gone { at_ms };
+                tombstoned += 1;
             }
         }
+        Expected::Swept {
+            tombstoned,
+            deleted,
+        }
+    }
+
+    /// Where a key stands: `None` when absent, else `in_flight`, `completed` or `tombstone`.
+    pub fn state_of(&self, key: ModelKey) -> Option<&'static str> {
+        self.entries.get(&key).map(|entry| match entry.phase {
+            Phase::Running { .. } => "in_flight",
+            Phase::Done { .. } => "completed",
+            Phase::Gone { .. } => "tombstone",
+        })
+    }
+
+    /// Every key the model has a record for.
+    pub fn keys(&self) -> impl Iterator<Item = ModelKey> + '_ {
+        self.entries.keys().copied()
     }
 }

@@ -112,3 +112,66 @@ impl<K: Hash + Eq + Clone> Drop for Subscription<K> {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    fn poll(subscription: &mut Subscription<&'static str>) -> Poll<()> {
+        pin!(subscription).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn a_subscription_completes_only_after_a_notification_of_its_key() {
+        let signals = Arc::new(Signals::default());
+        let mut subscription = Signals::subscribe(&signals, &"a");
+        assert_eq!(poll(&mut subscription), Poll::Pending);
+        signals.notify(&"b");
+        assert_eq!(
+            poll(&mut subscription),
+            Poll::Pending,
+            "another key's notification"
+        );
+        signals.notify(&"a");
+        assert_eq!(poll(&mut subscription), Poll::Ready(()));
+    }
+
+    #[test]
+    fn a_notification_before_subscribing_is_not_seen() {
+        let signals = Arc::new(Signals::default());
+        signals.notify(&"a");
+        let mut subscription = Signals::subscribe(&signals, &"a");
+        assert_eq!(poll(&mut subscription), Poll::Pending);
+    }
+
+    #[test]
+    fn a_key_is_forgotten_when_its_last_subscriber_goes() {
+        let signals = Arc::new(Signals::default());
+        let first = Signals::subscribe(&signals, &"a");
+        let second = Signals::subscribe(&signals, &"a");
+        assert_eq!(signals.keys_waited_on(), 1);
+        drop(first);
+        assert_eq!(signals.keys_waited_on(), 1, "one subscriber is left");
+        drop(second);
+        assert_eq!(signals.keys_waited_on(), 0);
+    }
+
+    #[test]
+    fn a_stale_subscription_does_not_remove_a_newer_slot() {
+        let signals = Arc::new(Signals::default());
+        let stale = Signals::subscribe(&signals, &"a");
+        signals.notify(&"a");
+        let fresh = Signals::subscribe(&signals, &"a");
+        drop(stale);
+        assert_eq!(
+            signals.keys_waited_on(),
+            1,
+            "the fresh subscriber's slot stays"
+        );
+        drop(fresh);
+        assert_eq!(signals.keys_waited_on(), 0);
+    }
+}
