@@ -171,9 +171,14 @@ pub fn decide(
 /// its end.
 fn lease_over(now: Timestamp, lease_expires_at: Timestamp) -> bool {
     if cfg!(feature = "mutant-lease-boundary") {
-        return now > lease_expires_at;
+        return mutant_lease_over_one_tick_late(now, lease_expires_at);
     }
     now >= lease_expires_at
+}
+
+/// The `<` for `<=` bug of the mutation proof: the lease still holds at its end.
+fn mutant_lease_over_one_tick_late(now: Timestamp, lease_expires_at: Timestamp) -> bool {
+    now > lease_expires_at
 }
 
 /// Whole seconds in `lease_left`, rounded up and at least 1.
@@ -295,7 +300,7 @@ pub struct Fenced;
 /// [`Fenced`] when the record is gone, completed or owned by a newer token.
 pub fn check_owner(slot: &Option<Record>, token: u64) -> Result<(), Fenced> {
     if cfg!(feature = "mutant-no-fencing") {
-        return Ok(());
+        return mutant_fencing_off();
     }
     match slot {
         Some(Record {
@@ -305,6 +310,11 @@ pub fn check_owner(slot: &Option<Record>, token: u64) -> Result<(), Fenced> {
         }) if *current == token => Ok(()),
         _ => Err(Fenced),
     }
+}
+
+/// The missing-fencing bug of the mutation proof: any token may complete any record.
+fn mutant_fencing_off() -> Result<(), Fenced> {
+    Ok(())
 }
 
 /// Completes the record owned by `token` with `response`.
@@ -426,4 +436,104 @@ pub fn sweep_on(slot: &mut Option<Record>, now: Timestamp, policy: &Policy) -> S
         }
     }
     action
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::wire::TenantId;
+
+    fn scope() -> Scope {
+        Scope {
+            tenant: TenantId::from("acme"),
+            key: IdempotencyKey::parse(b"k").unwrap(),
+        }
+    }
+
+    fn completed(resource_id: &str) -> Option<Record> {
+        Some(Record {
+            fingerprint: Fingerprint([1; 32]),
+            token: 1,
+            created_at: Timestamp(0),
+            state: RecordState::Completed {
+                completed_at: Timestamp(0),
+                response: StoredResponse {
+                    status: 201,
+                    content_type: "application/json".into(),
+                    location: None,
+                    body: Vec::new(),
+                    resource_id: Some(resource_id.into()),
+                },
+            },
+        })
+    }
+
+    #[test]
+    fn the_default_policy_is_a_30_second_lease_a_day_of_replays_and_30_days_of_tombstones() {
+        let policy = Policy::default();
+        assert_eq!(policy.lease, Duration::from_secs(30));
+        assert_eq!(policy.retention, Duration::from_secs(86_400));
+        assert_eq!(policy.tombstone_retention, Duration::from_secs(30 * 86_400));
+    }
+
+    #[test]
+    fn a_takeover_keeps_the_original_claim_time_so_side_effects_stay_unique() {
+        let policy = Policy::default();
+        let mut slot = None;
+        let fp = Fingerprint([1; 32]);
+        let first = begin_on(&mut slot, &scope(), &fp, Timestamp(1_000), &policy, || 1);
+        let later = Timestamp(1_000).plus(policy.lease);
+        let second = begin_on(&mut slot, &scope(), &fp, later, &policy, || 2);
+        match (first, second) {
+            (Begin::Execute(first), Begin::Execute(second)) => {
+                assert!(second.took_over && !first.took_over);
+                assert_eq!(second.claimed_at, first.claimed_at);
+                assert_eq!(second.token, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(slot.unwrap().created_at, Timestamp(1_000));
+    }
+
+    #[test]
+    fn an_expired_key_names_what_the_original_request_created() {
+        let policy = Policy::default();
+        let fp = Fingerprint([1; 32]);
+        let after = Timestamp(0).plus(policy.retention);
+        let mut slot = completed("pay_1");
+        let expired = begin_on(&mut slot, &scope(), &fp, after, &policy, || 9);
+        let named = Begin::Expired {
+            resource_id: Some("pay_1".into()),
+        };
+        assert_eq!(expired, named);
+        sweep_on(&mut slot, after, &policy);
+        assert!(matches!(
+            slot.as_ref().unwrap().state,
+            RecordState::Tombstone { .. }
+        ));
+        assert_eq!(
+            begin_on(&mut slot, &scope(), &fp, after, &policy, || 9),
+            named
+        );
+    }
+
+    #[test]
+    fn a_renewal_extends_the_lease_from_now_and_a_lost_lease_cannot_renew() {
+        let policy = Policy::default();
+        let mut slot = None;
+        let fp = Fingerprint([1; 32]);
+        begin_on(&mut slot, &scope(), &fp, Timestamp(0), &policy, || 4);
+        let renewed = renew_on(&mut slot, 4, Timestamp(10_000), &policy);
+        assert_eq!(renewed, Ok(Timestamp(10_000).plus(policy.lease)));
+        assert_eq!(
+            renew_on(&mut slot, 3, Timestamp(10_000), &policy),
+            Err(Fenced)
+        );
+        assert_eq!(
+            decide(slot.as_ref(), &fp, Timestamp(30_000), &policy),
+            Decision::Wait {
+                retry_after_secs: 10
+            }
+        );
+    }
 }

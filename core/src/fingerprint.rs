@@ -74,13 +74,22 @@ impl RequestShape<'_> {
             part(value.as_bytes());
         }
         part(self.query.as_bytes());
-        match self.body {
-            Some(_) if cfg!(feature = "mutant-fingerprint-ignores-body") => part(b""),
+        let body = if cfg!(feature = "mutant-fingerprint-ignores-body") {
+            mutant_body_left_out(self.body)
+        } else {
+            self.body
+        };
+        match body {
             Some(body) => part(&canonical_json(body)),
             None => part(b""),
         }
         Fingerprint(hasher.finalize().into())
     }
+}
+
+/// The body-left-out bug of the mutation proof: every body hashes like an empty one.
+fn mutant_body_left_out(_body: Option<&Value>) -> Option<&Value> {
+    None
 }
 
 /// The RFC 8785 (JSON Canonicalization Scheme) serialisation of a value.
@@ -279,5 +288,41 @@ mod tests {
     fn hex_round_trips() {
         let fp = shape_fingerprint("{}");
         assert_eq!(Fingerprint::from_hex(&fp.to_hex()), Some(fp));
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn from_hex_refuses_anything_but_64_hex_digits() {
+        assert_eq!(Fingerprint::from_hex("ab"), None);
+        assert_eq!(Fingerprint::from_hex(&"g".repeat(64)), None);
+        assert_eq!(Fingerprint::from_hex(&"é".repeat(32)), None);
+        assert_eq!(
+            Fingerprint::from_hex(&"0".repeat(64)),
+            Some(Fingerprint([0; 32]))
+        );
+    }
+
+    #[test]
+    fn debug_shows_a_short_hex_prefix() {
+        assert_eq!(
+            format!("{:?}", Fingerprint([0xab; 32])),
+            "Fingerprint(abababababab)"
+        );
+    }
+
+    #[test]
+    fn strict_parsing_keeps_every_kind_of_value() {
+        let text = r#"{"t":true,"f":false,"i":-7,"u":7,"x":1.5,"s":"a","n":null,"a":[1,"b"]}"#;
+        let strict = parse_json_strict(text.as_bytes()).unwrap();
+        let plain: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(strict, plain);
+        assert_eq!(
+            parse_json_strict(br#""\u00e9""#).unwrap(),
+            Value::String("é".into())
+        );
     }
 }

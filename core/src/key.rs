@@ -141,6 +141,7 @@ mod tests {
             "caf\u{e9}",
             "a\u{7f}",
             "\"unterminated",
+            r#""a"b""#,
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }
@@ -164,6 +165,12 @@ mod tests {
             IdempotencyKey::from_header_values(std::iter::empty()),
             Err(KeyError::Missing)
         );
+    }
+
+    #[test]
+    fn a_key_displays_as_its_unquoted_value() {
+        let key = IdempotencyKey::parse(b"\"abc\"").unwrap();
+        assert_eq!(key.to_string(), "abc");
     }
 
     #[test]

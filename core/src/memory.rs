@@ -19,7 +19,7 @@ use crate::store::{
     ListQuery, NewPayment, NewRefund, Page, RefundOutcome, RefundPlan, RefundResult, RenderRefund,
     Store, StoreError, SweepReport, plan_refund,
 };
-use crate::sync::{Arc, AtomicU64, Mutex, Ordering, lock};
+use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering, lock};
 use crate::time::{Clock, Timestamp};
 use crate::wire::{
     CustomerId, ObjectKind, Payment, PaymentId, PaymentStatus, Refund, RewardEntry, RewardSource,
@@ -79,6 +79,23 @@ impl MemoryStore {
         books.entry(tenant.clone()).or_default().clone()
     }
 
+    /// The check-then-act bug of the mutation proof: look, let go of the lock, then write what
+    /// the stale look decided.
+    fn mutant_begin_check_then_act(
+        &self,
+        scope: &Scope,
+        fingerprint: &Fingerprint,
+        now: Timestamp,
+        next_token: impl FnOnce() -> u64,
+    ) -> Begin {
+        let mut slot = lock(self.shard(scope)).get(scope).cloned();
+        let begin = engine::begin_on(&mut slot, scope, fingerprint, now, &self.policy, next_token);
+        if let Some(record) = slot {
+            lock(self.shard(scope)).insert(scope.clone(), record);
+        }
+        begin
+    }
+
     /// Runs `step` on the key's record slot under its shard lock, writing the slot back after.
     fn with_slot<T>(&self, scope: &Scope, step: impl FnOnce(&mut Option<Record>) -> T) -> T {
         let mut shard = lock(self.shard(scope));
@@ -101,14 +118,7 @@ impl Store for MemoryStore {
         let now = self.clock.now();
         let next_token = || self.last_token.fetch_add(1, Ordering::SeqCst) + 1;
         if cfg!(feature = "mutant-check-then-act") {
-            // The bug: look, let go of the lock, then write what the stale look decided.
-            let mut slot = lock(self.shard(scope)).get(scope).cloned();
-            let begin =
-                engine::begin_on(&mut slot, scope, fingerprint, now, &self.policy, next_token);
-            if let Some(record) = slot {
-                lock(self.shard(scope)).insert(scope.clone(), record);
-            }
-            return Ok(begin);
+            return Ok(self.mutant_begin_check_then_act(scope, fingerprint, now, next_token));
         }
         Ok(self.with_slot(scope, |slot| {
             engine::begin_on(slot, scope, fingerprint, now, &self.policy, next_token)
@@ -205,17 +215,7 @@ impl Store for MemoryStore {
                 return Err(StoreError::DuplicateSideEffect);
             }
             if cfg!(feature = "mutant-refund-check-outside-transaction") {
-                // The bug: decide on a copy of the payment read before the lock is let go.
-                let stale = book
-                    .by_id
-                    .get(&new.payment_id)
-                    .map(|&i| book.payments[i].clone());
-                drop(book);
-                crate::sync::yield_now();
-                book = lock(&book_handle);
-                if let (Some(stale), Some(&i)) = (stale, book.by_id.get(&new.payment_id)) {
-                    book.payments[i].amount_refunded = stale.amount_refunded;
-                }
+                book = mutant_refund_from_stale_read(book, &book_handle, &new.payment_id);
             }
             let Some(outcome) = refund_in_book(&mut book, lease, new) else {
                 return Ok(RefundResult::PaymentNotFound);
@@ -286,6 +286,26 @@ impl Store for MemoryStore {
     }
 }
 
+/// The refund-check-outside-the-transaction bug of the mutation proof: the payment is read,
+/// the lock let go, and the stale amount refunded written back over any refund made meanwhile.
+fn mutant_refund_from_stale_read<'a>(
+    book: MutexGuard<'a, Book>,
+    handle: &'a Mutex<Book>,
+    payment_id: &PaymentId,
+) -> MutexGuard<'a, Book> {
+    let stale = book
+        .by_id
+        .get(payment_id)
+        .map(|&i| book.payments[i].clone());
+    drop(book);
+    crate::sync::yield_now();
+    let mut book = lock(handle);
+    if let (Some(stale), Some(&i)) = (stale, book.by_id.get(payment_id)) {
+        book.payments[i].amount_refunded = stale.amount_refunded;
+    }
+    book
+}
+
 /// The attempt a lease belongs to: side effects are unique by it.
 fn attempt(lease: &Lease) -> (String, Timestamp) {
     (lease.scope.key.as_str().to_owned(), lease.claimed_at)
@@ -351,4 +371,144 @@ fn refund_in_book(book: &mut Book, lease: &Lease, new: NewRefund) -> Option<Refu
     ledger.push(debit);
     book.refund_attempts.insert(attempt(lease));
     Some(RefundOutcome::Created { refund, payment })
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+    use crate::key::IdempotencyKey;
+    use crate::time::ManualClock;
+    use crate::wire::{Currency, MinorUnits, RefundId, RewardEntryId};
+
+    /// Memory store futures never wait, so one poll finishes them.
+    fn now<T>(future: impl std::future::Future<Output = T>) -> T {
+        match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(output) => output,
+            Poll::Pending => panic!("a memory store future waited"),
+        }
+    }
+
+    fn store() -> MemoryStore {
+        let clock = std::sync::Arc::new(ManualClock::new(Timestamp(5_000)));
+        MemoryStore::new(Policy::default(), clock, 2)
+    }
+
+    fn scope(key: &str) -> Scope {
+        Scope {
+            tenant: TenantId::from("acme"),
+            key: IdempotencyKey::parse(key.as_bytes()).unwrap(),
+        }
+    }
+
+    fn response(body: &str) -> StoredResponse {
+        StoredResponse {
+            status: 201,
+            content_type: "application/json".into(),
+            location: None,
+            body: body.into(),
+            resource_id: None,
+        }
+    }
+
+    fn claim(store: &MemoryStore, key: &str) -> Lease {
+        match now(store.begin(&scope(key), &Fingerprint([1; 32]))).unwrap() {
+            Begin::Execute(lease) => lease,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn pay(store: &MemoryStore, key: &str, customer: &str, amount: i64, status: PaymentStatus) {
+        let lease = claim(store, key);
+        let payment = Payment {
+            id: PaymentId(format!("pay_{key}")),
+            object: crate::wire::ObjectKind,
+            amount: MinorUnits(amount),
+            currency: Currency("EUR".into()),
+            customer_id: CustomerId(customer.into()),
+            description: None,
+            metadata: BTreeMap::new(),
+            status,
+            amount_refunded: MinorUnits(0),
+            reward_points: crate::store::reward_points(MinorUnits(amount)),
+            idempotency_key: key.into(),
+            created_at: Timestamp(5_000),
+        };
+        let new = NewPayment {
+            payment,
+            reward_entry_id: RewardEntryId(format!("rwd_{key}")),
+        };
+        now(store.create_payment(&lease, new, response(key))).unwrap();
+    }
+
+    #[test]
+    fn a_plain_completion_is_replayed_and_a_stale_one_is_fenced() {
+        let store = store();
+        assert_eq!(store.policy(), Policy::default());
+        let lease = claim(&store, "k");
+        now(store.complete(&lease, response("done"))).unwrap();
+        let again = now(store.begin(&scope("k"), &Fingerprint([1; 32]))).unwrap();
+        assert_eq!(again, Begin::Replay(response("done")));
+        let stale = now(store.complete(&lease, response("late")));
+        assert!(matches!(stale, Err(StoreError::Fenced(_))));
+    }
+
+    #[test]
+    fn payments_are_found_by_id_and_listed_by_customer() {
+        let store = store();
+        pay(&store, "a", "cus_1", 1000, PaymentStatus::Succeeded);
+        pay(&store, "b", "cus_2", 2000, PaymentStatus::Succeeded);
+        let acme = TenantId::from("acme");
+        let found = now(store.payment(&acme, &PaymentId("pay_a".into()))).unwrap();
+        assert_eq!(found.unwrap().amount, MinorUnits(1000));
+        let query = ListQuery {
+            customer_id: Some(CustomerId("cus_2".into())),
+            limit: 10,
+            ..ListQuery::default()
+        };
+        let page = now(store.list_payments(&acme, &query)).unwrap().unwrap();
+        let ids: Vec<_> = page.payments.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["pay_b"]);
+    }
+
+    #[test]
+    fn only_a_succeeded_payment_credits_points_and_a_refund_takes_them_back() {
+        let store = store();
+        pay(&store, "ok", "cus_1", 1299, PaymentStatus::Succeeded);
+        pay(&store, "no", "cus_1", 5000, PaymentStatus::Failed);
+        let acme = TenantId::from("acme");
+        let customer = CustomerId("cus_1".into());
+        assert_eq!(
+            now(store.rewards(&acme, &customer)).unwrap().points_balance,
+            12
+        );
+
+        let lease = claim(&store, "refund");
+        let refund = NewRefund {
+            payment_id: PaymentId("pay_ok".into()),
+            amount: Some(MinorUnits(300)),
+            refund_id: RefundId("re_1".into()),
+            reward_entry_id: RewardEntryId("rwd_re_1".into()),
+            created_at: Timestamp(6_000),
+        };
+        let render: RenderRefund = std::sync::Arc::new(|_: &RefundOutcome| response("r"));
+        let result = now(store.create_refund(&lease, refund, render)).unwrap();
+        assert!(matches!(result, RefundResult::Committed(_)));
+        let payment = now(store.payment(&acme, &PaymentId("pay_ok".into())))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (payment.amount_refunded, payment.reward_points),
+            (MinorUnits(300), 9)
+        );
+        let rewards = now(store.rewards(&acme, &customer)).unwrap();
+        assert_eq!(rewards.points_balance, 9);
+        assert_eq!(
+            rewards.entries[0].points, -3,
+            "newest first: the refund's debit"
+        );
+    }
 }

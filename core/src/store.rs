@@ -287,3 +287,14 @@ pub fn plan_refund(payment: &Payment, requested: Option<MinorUnits>) -> RefundPl
         points_delta: points_after - payment.reward_points,
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payment_earns_one_point_per_whole_hundred_minor_units() {
+        assert_eq!(reward_points(MinorUnits(1299)), 12);
+        assert_eq!(reward_points(MinorUnits(99)), 0);
+    }
+}
