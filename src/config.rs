@@ -7,6 +7,7 @@ use clap::Args;
 use oncepay_core::engine::{self, Policy};
 
 use crate::http::idempotency::{IdempotencyConfig, MAX_BODY_BYTES_DEFAULT, POLL_INTERVAL_DEFAULT};
+use crate::store::postgres::POOL_SIZE_DEFAULT;
 
 /// The database used when none is given: a SQLite file in the working directory.
 pub const DATABASE_DEFAULT: &str = "sqlite://oncepay.db";
@@ -64,6 +65,16 @@ pub struct DatabaseArgs {
     /// `sqlite://PATH` (created if missing), `postgres://...` or `memory://`.
     #[arg(long, env = "ONCEPAY_DATABASE", default_value = DATABASE_DEFAULT)]
     pub database: String,
+
+    /// PostgreSQL only: do not create or upgrade the schema at start-up, refuse to start unless
+    /// it is current (run `oncepay migrate` first). Ignored by `oncepay migrate`.
+    #[arg(long, env = "ONCEPAY_NO_MIGRATE")]
+    pub no_migrate: bool,
+
+    /// PostgreSQL only: the most connections this process holds open at once.
+    #[arg(long, env = "ONCEPAY_DB_POOL_SIZE", default_value_t = POOL_SIZE_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub db_pool_size: u32,
 }
 
 impl ServeArgs {

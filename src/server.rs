@@ -46,7 +46,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), StartError> {
     }
     let api_keys = ApiKeys::parse(args.api_keys.as_deref().unwrap_or(DEMO_API_KEYS))?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let store = store::open(&args.database.database, args.policy(), clock.clone()).await?;
+    let store = store::open_database(&args.database, args.policy(), clock.clone()).await?;
     let state = AppState {
         store: store.clone(),
         clock,

@@ -44,6 +44,7 @@ use oncepay_core::store::{Store, StoreError};
 use oncepay_core::wire::{FieldError, TenantId};
 use serde_json::Value;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use super::faults::{Faults, Point};
 use super::problem::ApiError;
@@ -211,7 +212,8 @@ where
     };
     // Run in a task of its own: a client that disconnects must not cancel the request between
     // its claim and its commit.
-    let task = tokio::spawn(execute(shared, inner, prepared));
+    let span = tracing::Span::current();
+    let task = tokio::spawn(execute(shared, inner, prepared).instrument(span));
     match task.await {
         Ok(response) => response,
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
