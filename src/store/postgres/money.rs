@@ -273,20 +273,36 @@ pub(super) async fn list_payments(
     };
     // One row more than the page tells whether another page follows.
     let fetch = i64::try_from(query.limit).unwrap_or(i64::MAX - 1) + 1;
-    let rows = sqlx::query(select_payments!(
-        "where tenant = $1 and seq < $2 \
-         and ($3::text is null or customer_id = $3) \
-         and ($4::text is null or idempotency_key = $4) \
-         order by seq desc limit $5"
-    ))
-    .bind(tenant.as_str())
-    .bind(before_seq)
-    .bind(query.customer_id.as_ref().map(CustomerId::as_str))
-    .bind(query.idempotency_key.as_deref())
-    .bind(fetch)
-    .fetch_all(connection)
-    .await
-    .map_err(store_error)?;
+    // Only the filters given compare columns, so the planner can pick the index that fits them
+    // (a `$3 is null or ...` form makes a cached plan scan the tenant's payments). A filter not
+    // given still names its parameter, which PostgreSQL needs to type it.
+    let sql = match (query.customer_id.is_some(), query.idempotency_key.is_some()) {
+        (false, false) => select_payments!(
+            "where tenant = $1 and seq < $2 and $3::text is null and $4::text is null \
+             order by seq desc limit $5"
+        ),
+        (true, false) => select_payments!(
+            "where tenant = $1 and seq < $2 and customer_id = $3 and $4::text is null \
+             order by seq desc limit $5"
+        ),
+        (false, true) => select_payments!(
+            "where tenant = $1 and seq < $2 and $3::text is null and idempotency_key = $4 \
+             order by seq desc limit $5"
+        ),
+        (true, true) => select_payments!(
+            "where tenant = $1 and seq < $2 and customer_id = $3 and idempotency_key = $4 \
+             order by seq desc limit $5"
+        ),
+    };
+    let rows = sqlx::query(sql)
+        .bind(tenant.as_str())
+        .bind(before_seq)
+        .bind(query.customer_id.as_ref().map(CustomerId::as_str))
+        .bind(query.idempotency_key.as_deref())
+        .bind(fetch)
+        .fetch_all(connection)
+        .await
+        .map_err(store_error)?;
     let mut payments = rows
         .iter()
         .map(payment_from_row)

@@ -133,7 +133,7 @@ fn connect(path: &str) -> Result<Connection, StoreError> {
     connection
         .execute_batch(&format!(
             "pragma journal_mode = wal; pragma synchronous = full; pragma foreign_keys = on; \
-             pragma busy_timeout = {BUSY_TIMEOUT_MS};"
+             pragma busy_timeout = {BUSY_TIMEOUT_MS}; pragma temp_store = memory;"
         ))
         .map_err(rows::unavailable)?;
     Ok(connection)

@@ -478,9 +478,17 @@ pub(super) fn list_payments(
             }
         }
     };
+    // Only the filters given appear in the SQL, so SQLite can pick the index that fits them
+    // (a `?3 is null or ...` form would make it scan the tenant's payments).
+    let mut filters = String::new();
+    if query.customer_id.is_some() {
+        filters.push_str(" and customer_id = ?3");
+    }
+    if query.idempotency_key.is_some() {
+        filters.push_str(" and idempotency_key = ?4");
+    }
     let sql = format!(
-        "select {PAYMENT_COLUMNS} from payments where tenant = ?1 and seq < ?2 \
-         and (?3 is null or customer_id = ?3) and (?4 is null or idempotency_key = ?4) \
+        "select {PAYMENT_COLUMNS} from payments where tenant = ?1 and seq < ?2{filters} \
          order by seq desc limit ?5"
     );
     let fetch = query.limit as i64 + 1;
