@@ -118,6 +118,23 @@ pub enum PaymentStatus {
     Failed,
 }
 
+impl PaymentStatus {
+    /// The status as stored and sent: `succeeded` or `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Reads a status written by [`PaymentStatus::as_str`].
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Succeeded, Self::Failed]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
 /// A payment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payment {
@@ -170,6 +187,23 @@ pub enum RewardSource {
     Payment,
     /// A refund took points back.
     Refund,
+}
+
+impl RewardSource {
+    /// The source as stored and sent: `payment` or `refund`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Payment => "payment",
+            Self::Refund => "refund",
+        }
+    }
+
+    /// Reads a source written by [`RewardSource::as_str`].
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Payment, Self::Refund]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
 }
 
 /// One change to a customer's reward points.

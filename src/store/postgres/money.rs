@@ -62,7 +62,7 @@ pub(super) async fn insert_payment(
     .bind(p.customer_id.as_str())
     .bind(p.description.as_deref())
     .bind(metadata)
-    .bind(status_text(p.status))
+    .bind(p.status.as_str())
     .bind(p.amount_refunded.0)
     .bind(p.reward_points)
     .bind(ms(p.created_at))
@@ -97,8 +97,8 @@ async fn insert_entry(
     entry: Entry<'_>,
 ) -> Result<(), StoreError> {
     let source = match entry.refund_id {
-        Some(_) => "refund",
-        None => "payment",
+        Some(_) => RewardSource::Refund.as_str(),
+        None => RewardSource::Payment.as_str(),
     };
     sqlx::query(
         "insert into reward_entries (tenant, id, customer_id, source, payment_id, refund_id, \
@@ -200,22 +200,12 @@ pub(super) async fn refund(
     Ok(Some(RefundOutcome::Created { refund, payment }))
 }
 
-fn status_text(status: PaymentStatus) -> &'static str {
-    match status {
-        PaymentStatus::Succeeded => "succeeded",
-        PaymentStatus::Failed => "failed",
-    }
-}
-
 fn payment_from_row(row: &PgRow) -> Result<Payment, StoreError> {
     let metadata: String = row.try_get("metadata").map_err(store_error)?;
     let metadata = serde_json::from_str::<BTreeMap<String, String>>(&metadata)
         .map_err(|_| corrupt("payment metadata"))?;
-    let status = match row.try_get::<&str, _>("status").map_err(store_error)? {
-        "succeeded" => PaymentStatus::Succeeded,
-        "failed" => PaymentStatus::Failed,
-        _ => return Err(corrupt("payment status")),
-    };
+    let status = row.try_get::<&str, _>("status").map_err(store_error)?;
+    let status = PaymentStatus::parse(status).ok_or_else(|| corrupt("payment status"))?;
     let get = |column: &str| row.try_get::<i64, _>(column).map_err(store_error);
     let text = |column: &str| row.try_get::<String, _>(column).map_err(store_error);
     Ok(Payment {
@@ -339,11 +329,8 @@ pub(super) async fn rewards(
 }
 
 fn entry_from_row(row: &PgRow) -> Result<RewardEntry, StoreError> {
-    let source = match row.try_get::<&str, _>("source").map_err(store_error)? {
-        "payment" => RewardSource::Payment,
-        "refund" => RewardSource::Refund,
-        _ => return Err(corrupt("reward entry source")),
-    };
+    let source = row.try_get::<&str, _>("source").map_err(store_error)?;
+    let source = RewardSource::parse(source).ok_or_else(|| corrupt("reward entry source"))?;
     let refund_id: Option<String> = row.try_get("refund_id").map_err(store_error)?;
     let created_at_ms: i64 = row.try_get("created_at_ms").map_err(store_error)?;
     Ok(RewardEntry {

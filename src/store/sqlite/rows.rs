@@ -274,7 +274,7 @@ pub(super) fn insert_payment(
             s.execute(params![
                 lease.scope.tenant.as_str(), p.id.as_str(), p.idempotency_key, ms(lease.claimed_at),
                 p.amount.0, p.currency.as_str(), p.customer_id.as_str(), p.description, metadata,
-                status_text(p.status), p.amount_refunded.0, p.reward_points, ms(p.created_at),
+                p.status.as_str(), p.amount_refunded.0, p.reward_points, ms(p.created_at),
             ])
         });
     match inserted {
@@ -304,10 +304,9 @@ fn insert_entry(
     points: i64,
     at: Timestamp,
 ) -> Result<(), StoreError> {
-    let source = if refund_id.is_some() {
-        "refund"
-    } else {
-        "payment"
+    let source = match refund_id {
+        Some(_) => RewardSource::Refund.as_str(),
+        None => RewardSource::Payment.as_str(),
     };
     connection
         .prepare_cached(
@@ -404,13 +403,6 @@ pub(super) fn refund(
     Ok(Some(RefundOutcome::Created { refund, payment }))
 }
 
-fn status_text(status: PaymentStatus) -> &'static str {
-    match status {
-        PaymentStatus::Succeeded => "succeeded",
-        PaymentStatus::Failed => "failed",
-    }
-}
-
 const PAYMENT_COLUMNS: &str = "id, amount, currency, customer_id, description, metadata, status, \
      amount_refunded, reward_points, idempotency_key, created_at_ms";
 
@@ -419,10 +411,8 @@ fn payment_from_row(row: &Row<'_>) -> rusqlite::Result<Option<Payment>> {
     let Ok(metadata) = serde_json::from_str::<BTreeMap<String, String>>(&metadata) else {
         return Ok(None);
     };
-    let status = match row.get::<_, String>(6)?.as_str() {
-        "succeeded" => PaymentStatus::Succeeded,
-        "failed" => PaymentStatus::Failed,
-        _ => return Ok(None),
+    let Some(status) = PaymentStatus::parse(&row.get::<_, String>(6)?) else {
+        return Ok(None);
     };
     Ok(Some(Payment {
         id: PaymentId(row.get(0)?),
@@ -529,10 +519,8 @@ pub(super) fn rewards(
         )
         .and_then(|mut s| {
             s.query_map(params![tenant.as_str(), customer.as_str()], |r| {
-                let source = match r.get::<_, String>(1)?.as_str() {
-                    "payment" => RewardSource::Payment,
-                    "refund" => RewardSource::Refund,
-                    _ => return Ok(None),
+                let Some(source) = RewardSource::parse(&r.get::<_, String>(1)?) else {
+                    return Ok(None);
                 };
                 Ok(Some(RewardEntry {
                     id: RewardEntryId(r.get(0)?),
