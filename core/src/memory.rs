@@ -392,9 +392,16 @@ mod tests {
         }
     }
 
+    fn policy() -> Policy {
+        Policy {
+            lease: std::time::Duration::from_secs(7),
+            ..Policy::default()
+        }
+    }
+
     fn store() -> MemoryStore {
         let clock = std::sync::Arc::new(ManualClock::new(Timestamp(5_000)));
-        MemoryStore::new(Policy::default(), clock, 2)
+        MemoryStore::new(policy(), clock, 2)
     }
 
     fn scope(key: &str) -> Scope {
@@ -447,7 +454,7 @@ mod tests {
     #[test]
     fn a_plain_completion_is_replayed_and_a_stale_one_is_fenced() {
         let store = store();
-        assert_eq!(store.policy(), Policy::default());
+        assert_eq!(store.policy(), policy());
         let lease = claim(&store, "k");
         now(store.complete(&lease, response("done"))).unwrap();
         let again = now(store.begin(&scope("k"), &Fingerprint([1; 32]))).unwrap();

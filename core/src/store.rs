@@ -292,6 +292,62 @@ pub fn plan_refund(payment: &Payment, requested: Option<MinorUnits>) -> RefundPl
 mod tests {
     use super::*;
 
+    fn payment(amount: i64, refunded: i64, status: PaymentStatus) -> Payment {
+        Payment {
+            id: PaymentId("pay_1".into()),
+            object: crate::wire::ObjectKind,
+            amount: MinorUnits(amount),
+            currency: crate::wire::Currency("EUR".into()),
+            customer_id: CustomerId("cus_1".into()),
+            description: None,
+            metadata: Default::default(),
+            status,
+            amount_refunded: MinorUnits(refunded),
+            reward_points: reward_points(MinorUnits(amount - refunded)),
+            idempotency_key: "k".into(),
+            created_at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn a_refund_may_take_exactly_what_is_left_and_not_a_unit_more() {
+        let paid = payment(1299, 299, PaymentStatus::Succeeded);
+        let exact = plan_refund(&paid, Some(MinorUnits(1000)));
+        assert_eq!(
+            exact,
+            RefundPlan::Refund {
+                amount: MinorUnits(1000),
+                points_after: 0,
+                points_delta: -10,
+            }
+        );
+        let over = plan_refund(&paid, Some(MinorUnits(1001)));
+        assert_eq!(
+            over,
+            RefundPlan::Exceeds {
+                remaining: MinorUnits(1000)
+            }
+        );
+        assert_eq!(
+            plan_refund(&paid, None),
+            exact,
+            "no amount refunds what is left"
+        );
+    }
+
+    #[test]
+    fn nothing_left_and_a_failed_payment_cannot_be_refunded() {
+        let spent = payment(500, 500, PaymentStatus::Succeeded);
+        assert_eq!(
+            plan_refund(&spent, None),
+            RefundPlan::Exceeds {
+                remaining: MinorUnits(0)
+            }
+        );
+        let failed = payment(500, 0, PaymentStatus::Failed);
+        assert_eq!(plan_refund(&failed, None), RefundPlan::NotRefundable);
+    }
+
     #[test]
     fn a_payment_earns_one_point_per_whole_hundred_minor_units() {
         assert_eq!(reward_points(MinorUnits(1299)), 12);

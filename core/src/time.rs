@@ -194,3 +194,49 @@ mod parse_tests {
         assert_eq!(parse_rfc3339("2026-12-04T10:00:00Z"), None);
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod boundary_tests {
+    use super::*;
+
+    #[test]
+    fn every_field_of_a_timestamp_is_written_in_its_place() {
+        let t = Timestamp(((((19_723 * 24) + 13) * 60 + 14) * 60 + 15) * 1000 + 16);
+        assert_eq!(t.to_string(), "2024-01-01T13:14:15.016Z");
+        assert_eq!(
+            Timestamp(4_107_542_399_999).to_string(),
+            "2100-02-28T23:59:59.999Z"
+        );
+    }
+
+    #[test]
+    fn malformed_timestamps_are_refused() {
+        for bad in [
+            "2026-12-04T10:00:00.000",
+            "2026-12-04T10:00:00.000X",
+            "2026/12-04T10:00:00.000Z",
+            "2026-12/04T10:00:00.000Z",
+            "2026-12-04 10:00:00.000Z",
+            "2026-12-04T10-00:00.000Z",
+            "2026-12-04T10:00-00.000Z",
+            "2026-12-04T10:00:00,000Z",
+            "2026-13-04T10:00:00.000Z",
+            "2026-00-04T10:00:00.000Z",
+            "2026-12-32T10:00:00.000Z",
+            "2026-12-00T10:00:00.000Z",
+            "2026-12-04T24:00:00.000Z",
+            "2026-12-04T10:60:00.000Z",
+            "2026-12-04T10:00:60.000Z",
+            "1969-12-31T23:59:59.999Z",
+            "2026-12-04T10:00:00.00éZ",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_system_clock_reads_the_present() {
+        let after_2025 = Timestamp(1_735_689_600_000);
+        assert!(SystemClock.now() > after_2025);
+    }
+}

@@ -295,6 +295,22 @@ mod tests {
     }
 
     #[test]
+    fn a_description_is_kept_up_to_its_limit() {
+        let body =
+            |d: &str| json!({"amount": 1, "currency": "EUR", "customer_id": "c", "description": d});
+        let kept = create_payment(&body(&"é".repeat(500))).unwrap();
+        assert_eq!(kept.description, Some("é".repeat(500)));
+        assert_eq!(fields(body(&"d".repeat(501))), ["description"]);
+    }
+
+    #[test]
+    fn twenty_metadata_entries_are_allowed() {
+        let twenty: Map<String, Value> = (0..20).map(|i| (format!("k{i}"), json!("v"))).collect();
+        let body = json!({"amount": 1, "currency": "EUR", "customer_id": "c", "metadata": twenty});
+        assert_eq!(create_payment(&body).unwrap().metadata.len(), 20);
+    }
+
+    #[test]
     fn metadata_limits_are_enforced() {
         let many: Map<String, Value> = (0..21).map(|i| (format!("k{i}"), json!("v"))).collect();
         let body = json!({"amount": 1, "currency": "EUR", "customer_id": "c", "metadata": many});

@@ -340,3 +340,40 @@ impl<'de, const TAG: char> Deserialize<'de> for ObjectKind<TAG> {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_carry_their_tag_and_refuse_another() {
+        let list: List<u8> = List {
+            object: ObjectKind,
+            data: vec![],
+            has_more: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&list).unwrap(),
+            r#"{"object":"list","data":[],"has_more":false}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&ObjectKind::<'p'>).unwrap(),
+            r#""payment""#
+        );
+        assert_eq!(
+            serde_json::to_string(&ObjectKind::<'r'>).unwrap(),
+            r#""refund""#
+        );
+        assert!(serde_json::from_str::<ObjectKind<'p'>>(r#""payment""#).is_ok());
+        assert!(serde_json::from_str::<ObjectKind<'p'>>(r#""refund""#).is_err());
+    }
+
+    #[test]
+    fn timestamps_travel_as_rfc3339_and_come_back() {
+        let at = Timestamp(1_796_378_400_123);
+        let json = serde_json::to_string(&at).unwrap();
+        assert_eq!(json, r#""2026-12-04T10:00:00.123Z""#);
+        assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), at);
+        assert!(serde_json::from_str::<Timestamp>(r#""yesterday""#).is_err());
+    }
+}
