@@ -207,6 +207,14 @@ mod boundary_tests {
             Timestamp(4_107_542_399_999).to_string(),
             "2100-02-28T23:59:59.999Z"
         );
+        // The last day of a 400-year era is where the era arithmetic is easiest to get wrong.
+        for (text, ms) in [
+            ("2000-12-31T00:00:00.000Z", 978_220_800_000),
+            ("2400-12-31T00:00:00.000Z", 13_601_001_600_000),
+        ] {
+            assert_eq!(Timestamp(ms).to_string(), text);
+            assert_eq!(parse_rfc3339(text), Some(Timestamp(ms)));
+        }
     }
 
     #[test]

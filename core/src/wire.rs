@@ -369,6 +369,22 @@ mod tests {
     }
 
     #[test]
+    fn statuses_and_sources_are_written_and_read_back_by_name() {
+        for status in [PaymentStatus::Succeeded, PaymentStatus::Failed] {
+            let wire = serde_json::to_string(&status).unwrap();
+            assert_eq!(wire, format!("\"{}\"", status.as_str()));
+            assert_eq!(PaymentStatus::parse(status.as_str()), Some(status));
+        }
+        for source in [RewardSource::Payment, RewardSource::Refund] {
+            let wire = serde_json::to_string(&source).unwrap();
+            assert_eq!(wire, format!("\"{}\"", source.as_str()));
+            assert_eq!(RewardSource::parse(source.as_str()), Some(source));
+        }
+        assert_eq!(PaymentStatus::parse("pending"), None);
+        assert_eq!(RewardSource::parse("bonus"), None);
+    }
+
+    #[test]
     fn timestamps_travel_as_rfc3339_and_come_back() {
         let at = Timestamp(1_796_378_400_123);
         let json = serde_json::to_string(&at).unwrap();
