@@ -207,10 +207,13 @@ mod boundary_tests {
             Timestamp(4_107_542_399_999).to_string(),
             "2100-02-28T23:59:59.999Z"
         );
-        // The last day of a 400-year era is where the era arithmetic is easiest to get wrong.
+        // Century boundaries and the last day of a 400-year era (a leap day) are where the era
+        // arithmetic is easiest to get wrong.
         for (text, ms) in [
-            ("2000-12-31T00:00:00.000Z", 978_220_800_000),
-            ("2400-12-31T00:00:00.000Z", 13_601_001_600_000),
+            ("2400-02-29T00:00:00.000Z", 13_574_563_200_000),
+            ("2100-03-01T00:00:00.000Z", 4_107_542_400_000),
+            ("2300-06-01T00:00:00.000Z", 10_426_838_400_000),
+            ("2000-02-29T00:00:00.000Z", 951_782_400_000),
         ] {
             assert_eq!(Timestamp(ms).to_string(), text);
             assert_eq!(parse_rfc3339(text), Some(Timestamp(ms)));
