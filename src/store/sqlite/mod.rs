@@ -11,7 +11,8 @@
 //! One process per file: a second process on the same file would have a writer of its own. Use
 //! PostgreSQL for several processes.
 
-mod rows;
+mod money;
+mod records;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -65,7 +66,7 @@ impl SqliteStore {
     /// When the file cannot be opened or a migration fails.
     pub fn open(path: &str, policy: Policy, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         let mut connection = connect(path)?;
-        rows::migrate(&mut connection)?;
+        records::migrate(&mut connection)?;
         let (jobs, queue) = mpsc::channel(QUEUE_JOBS_MAX);
         let context = WriterContext { policy, clock };
         std::thread::Builder::new()
@@ -128,14 +129,22 @@ impl SqliteStore {
     }
 }
 
+fn unavailable(err: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(err.to_string())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("unreadable {what}"))
+}
+
 fn connect(path: &str) -> Result<Connection, StoreError> {
-    let connection = Connection::open(Path::new(path)).map_err(rows::unavailable)?;
+    let connection = Connection::open(Path::new(path)).map_err(unavailable)?;
     connection
         .execute_batch(&format!(
             "pragma journal_mode = wal; pragma synchronous = full; pragma foreign_keys = on; \
              pragma busy_timeout = {BUSY_TIMEOUT_MS}; pragma temp_store = memory;"
         ))
-        .map_err(rows::unavailable)?;
+        .map_err(unavailable)?;
     Ok(connection)
 }
 
@@ -146,13 +155,13 @@ fn in_savepoint<T>(
 ) -> Result<T, StoreError> {
     connection
         .execute_batch("savepoint job")
-        .map_err(rows::unavailable)?;
+        .map_err(unavailable)?;
     let outcome = work(connection);
     let end = match outcome {
         Ok(_) => "release job",
         Err(_) => "rollback to job; release job",
     };
-    connection.execute_batch(end).map_err(rows::unavailable)?;
+    connection.execute_batch(end).map_err(unavailable)?;
     outcome
 }
 
@@ -209,7 +218,7 @@ impl Store for SqliteStore {
             let now = context.clock.now();
             let mut slot = match stale {
                 Some(stale) => stale,
-                None => rows::load_record(connection, &scope)?,
+                None => records::load_record(connection, &scope)?,
             };
             let before = slot.clone();
             let mut token_error = None;
@@ -220,7 +229,7 @@ impl Store for SqliteStore {
                 now,
                 &context.policy,
                 || {
-                    rows::next_token(connection).unwrap_or_else(|err| {
+                    records::next_token(connection).unwrap_or_else(|err| {
                         token_error = Some(err);
                         0
                     })
@@ -230,7 +239,7 @@ impl Store for SqliteStore {
                 return Err(err);
             }
             if slot != before {
-                rows::save_record(connection, &scope, slot.as_ref())?;
+                records::save_record(connection, &scope, slot.as_ref())?;
             }
             Ok(begin)
         })
@@ -241,9 +250,9 @@ impl Store for SqliteStore {
         let lease = lease.clone();
         self.write(move |connection, context| {
             let now = context.clock.now();
-            let mut slot = rows::load_record(connection, &lease.scope)?;
+            let mut slot = records::load_record(connection, &lease.scope)?;
             engine::complete_on(&mut slot, lease.token, response, now)?;
-            rows::save_record(connection, &lease.scope, slot.as_ref())
+            records::save_record(connection, &lease.scope, slot.as_ref())
         })
         .await
     }
@@ -251,10 +260,10 @@ impl Store for SqliteStore {
     async fn renew(&self, lease: &Lease) -> Result<Timestamp, StoreError> {
         let lease = lease.clone();
         self.write(move |connection, context| {
-            let mut slot = rows::load_record(connection, &lease.scope)?;
+            let mut slot = records::load_record(connection, &lease.scope)?;
             let now = context.clock.now();
             let expires_at = engine::renew_on(&mut slot, lease.token, now, &context.policy)?;
-            rows::save_record(connection, &lease.scope, slot.as_ref())?;
+            records::save_record(connection, &lease.scope, slot.as_ref())?;
             Ok(expires_at)
         })
         .await
@@ -263,10 +272,10 @@ impl Store for SqliteStore {
     async fn release(&self, lease: &Lease) -> Result<(), StoreError> {
         let lease = lease.clone();
         self.write(move |connection, _| {
-            let mut slot = rows::load_record(connection, &lease.scope)?;
+            let mut slot = records::load_record(connection, &lease.scope)?;
             if engine::check_owner(&slot, lease.token).is_ok() {
                 engine::release_on(&mut slot, lease.token);
-                rows::save_record(connection, &lease.scope, slot.as_ref())?;
+                records::save_record(connection, &lease.scope, slot.as_ref())?;
             }
             Ok(())
         })
@@ -275,13 +284,13 @@ impl Store for SqliteStore {
 
     async fn record(&self, scope: &Scope) -> Result<Option<Record>, StoreError> {
         let scope = scope.clone();
-        self.read(move |connection| rows::load_record(connection, &scope))
+        self.read(move |connection| records::load_record(connection, &scope))
             .await
     }
 
     async fn sweep(&self) -> Result<SweepReport, StoreError> {
         self.write(|connection, context| {
-            rows::sweep(connection, context.clock.now(), &context.policy)
+            records::sweep(connection, context.clock.now(), &context.policy)
         })
         .await
     }
@@ -290,7 +299,7 @@ impl Store for SqliteStore {
         self.read(|connection| {
             connection
                 .query_row("select 1", [], |_| Ok(()))
-                .map_err(rows::unavailable)
+                .map_err(unavailable)
         })
         .await
     }
@@ -303,11 +312,11 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let lease = lease.clone();
         self.write(move |connection, context| {
-            let mut slot = rows::load_record(connection, &lease.scope)?;
+            let mut slot = records::load_record(connection, &lease.scope)?;
             engine::check_owner(&slot, lease.token)?;
-            rows::insert_payment(connection, &lease, &new)?;
+            money::insert_payment(connection, &lease, &new)?;
             engine::complete_on(&mut slot, lease.token, response, context.clock.now())?;
-            rows::save_record(connection, &lease.scope, slot.as_ref())
+            records::save_record(connection, &lease.scope, slot.as_ref())
         })
         .await
     }
@@ -320,9 +329,9 @@ impl Store for SqliteStore {
     ) -> Result<RefundResult, StoreError> {
         let lease = lease.clone();
         self.write(move |connection, context| {
-            let mut slot = rows::load_record(connection, &lease.scope)?;
+            let mut slot = records::load_record(connection, &lease.scope)?;
             engine::check_owner(&slot, lease.token)?;
-            let Some(outcome) = rows::refund(connection, &lease, &new)? else {
+            let Some(outcome) = money::refund(connection, &lease, &new)? else {
                 return Ok(RefundResult::PaymentNotFound);
             };
             let response = render(&outcome);
@@ -332,7 +341,7 @@ impl Store for SqliteStore {
                 response.clone(),
                 context.clock.now(),
             )?;
-            rows::save_record(connection, &lease.scope, slot.as_ref())?;
+            records::save_record(connection, &lease.scope, slot.as_ref())?;
             Ok(RefundResult::Committed(response))
         })
         .await
@@ -344,7 +353,7 @@ impl Store for SqliteStore {
         id: &PaymentId,
     ) -> Result<Option<Payment>, StoreError> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        self.read(move |connection| rows::payment(connection, &tenant, &id))
+        self.read(move |connection| money::payment(connection, &tenant, &id))
             .await
     }
 
@@ -354,7 +363,7 @@ impl Store for SqliteStore {
         query: &ListQuery,
     ) -> Result<Option<Page>, StoreError> {
         let (tenant, query) = (tenant.clone(), query.clone());
-        self.read(move |connection| rows::list_payments(connection, &tenant, &query))
+        self.read(move |connection| money::list_payments(connection, &tenant, &query))
             .await
     }
 
@@ -364,7 +373,7 @@ impl Store for SqliteStore {
         customer: &CustomerId,
     ) -> Result<Rewards, StoreError> {
         let (tenant, customer) = (tenant.clone(), customer.clone());
-        self.read(move |connection| rows::rewards(connection, &tenant, &customer))
+        self.read(move |connection| money::rewards(connection, &tenant, &customer))
             .await
     }
 }
