@@ -47,7 +47,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use super::faults::{Faults, Point};
-use super::problem::ApiError;
+use super::problem::{ApiError, LeaseLost};
 use crate::metrics::{Metrics, Outcome};
 
 /// The header that marks a replayed response.
@@ -460,6 +460,12 @@ async fn finish(shared: &Shared, lease: &Lease, faults: &Faults, response: Respo
         shared.metrics.idempotency(Outcome::Executed);
         return after_commit(faults, response).await;
     }
+    if response.extensions().get::<LeaseLost>().is_some() {
+        // Another owner took over; its outcome, not ours, is the key's.
+        tracing::warn!(key = %lease.scope.key, "commit refused: the lease was taken over");
+        shared.metrics.idempotency(Outcome::Fenced);
+        return response;
+    }
     let status = response.status();
     let stores_failures = cfg!(feature = "mutant-store-transient-5xx") && status.is_server_error();
     if !(status.is_success() || status == StatusCode::PAYMENT_REQUIRED || stores_failures) {
@@ -496,10 +502,7 @@ async fn finish(shared: &Shared, lease: &Lease, faults: &Faults, response: Respo
         }
         Err(StoreError::Fenced(_)) => {
             shared.metrics.idempotency(Outcome::Fenced);
-            ApiError::KeyInUse {
-                retry_after_secs: 1,
-            }
-            .into_response()
+            ApiError::LeaseLost.into_response()
         }
         Err(err) => store_failure(shared, &err),
     }

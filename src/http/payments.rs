@@ -124,9 +124,7 @@ pub(super) fn committed(stored: &StoredResponse) -> Response {
 pub(super) fn commit_error(err: StoreError) -> ApiError {
     match err {
         // Another owner took the key over and will answer; the retry gets its outcome.
-        StoreError::Fenced(_) | StoreError::DuplicateSideEffect => ApiError::KeyInUse {
-            retry_after_secs: 1,
-        },
+        StoreError::Fenced(_) | StoreError::DuplicateSideEffect => ApiError::LeaseLost,
         StoreError::Unavailable(_) => ApiError::StoreUnavailable,
         StoreError::Corrupt(cause) => ApiError::Internal(cause),
     }

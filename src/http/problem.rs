@@ -184,6 +184,10 @@ pub enum ApiError {
         /// Seconds until the lease runs out, at least 1.
         retry_after_secs: u64,
     },
+    /// 409 with `Retry-After: 1`: this request lost its lease to another owner before it could
+    /// commit; nothing it did was stored, and a retry gets the other owner's outcome.
+    #[error("another request with this idempotency key took over; retry to get its outcome")]
+    LeaseLost,
     /// 413.
     #[error("the body is larger than {limit_bytes} bytes")]
     PayloadTooLarge {
@@ -223,7 +227,7 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
-            Self::KeyInUse { .. } => "idempotency_key_in_use",
+            Self::KeyInUse { .. } | Self::LeaseLost => "idempotency_key_in_use",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::KeyReused => "idempotency_key_reused",
@@ -265,11 +269,15 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         let retry_after = match &self {
             Self::KeyInUse { retry_after_secs } => Some(*retry_after_secs),
+            Self::LeaseLost => Some(1),
             Self::StoreUnavailable => Some(STORE_UNAVAILABLE_RETRY_AFTER_SECS),
             _ => None,
         };
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::LeaseLost = &self {
+            response.extensions_mut().insert(LeaseLost);
         }
         if let Self::Internal(cause) = &self {
             // Keep the cause for the request span's log line; the client sees only the code.
@@ -280,6 +288,10 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// Marks a response whose request was fenced off by a newer owner, for the metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseLost;
 
 /// The logged cause of a 500, carried from the handler to the request log.
 #[derive(Clone, Debug)]
