@@ -132,14 +132,19 @@ fn reject_unknown(object: &Map<String, Value>, allowed: &[&str], errors: &mut Er
 }
 
 fn amount(value: Option<&Value>, required: bool, errors: &mut Errors) -> Option<MinorUnits> {
-    let value = match value {
-        None | Some(Value::Null) => {
-            if required {
-                errors.push("amount", "amount is required");
-            }
+    let value = match (value, required) {
+        (None, false) => return None,
+        (None | Some(Value::Null), true) => {
+            errors.push("amount", "amount is required");
             return None;
         }
-        Some(value) => value,
+        // An explicit null is refused rather than read as "everything that is left": a client
+        // bug must not turn into a full refund.
+        (Some(Value::Null), false) => {
+            errors.push("amount", "amount must be an integer, or left out");
+            return None;
+        }
+        (Some(value), _) => value,
     };
     match value.as_i64() {
         // `as_i64` is `None` for floats (`1250.0`, `1.25e3`), strings and integers beyond i64.
@@ -325,6 +330,7 @@ mod tests {
         assert_eq!(create_refund(None), Ok(CreateRefund::default()));
         assert_eq!(create_refund(Some(&json!({}))), Ok(CreateRefund::default()));
         assert!(create_refund(Some(&json!({"amount": 0}))).is_err());
+        assert!(create_refund(Some(&json!({"amount": null}))).is_err());
         assert!(create_refund(Some(&json!({"amount": 5, "reason": "x"}))).is_err());
     }
 }

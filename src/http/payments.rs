@@ -7,6 +7,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use oncepay_core::engine::StoredResponse;
+use oncepay_core::key::IdempotencyKey;
 use oncepay_core::store::{ListQuery, NewPayment, StoreError, reward_points};
 use oncepay_core::time::Timestamp;
 use oncepay_core::validate;
@@ -188,6 +189,24 @@ fn list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
                 ApiError::invalid_field("limit", "limit must be an integer from 1 to 100")
             })?,
     };
+    // A malformed filter is an error, not a silent "no payments".
+    if params
+        .get("customer_id")
+        .is_some_and(|c| !validate::is_customer_id(c))
+    {
+        return Err(ApiError::invalid_field(
+            "customer_id",
+            "customer_id must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -",
+        ));
+    }
+    if let Some(key) = params.get("idempotency_key")
+        && IdempotencyKey::parse(key.as_bytes()).is_err()
+    {
+        return Err(ApiError::invalid_field(
+            "idempotency_key",
+            "idempotency_key must be 1 to 255 visible ASCII characters",
+        ));
+    }
     Ok(ListQuery {
         customer_id: params.get("customer_id").map(|c| CustomerId(c.clone())),
         idempotency_key: params.get("idempotency_key").cloned(),

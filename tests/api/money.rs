@@ -307,6 +307,15 @@ async fn the_list_pages_newest_first_and_filters_by_customer_and_key() {
             .json();
         assert_eq!(by_key["data"][0]["id"], ids[2]);
         assert_eq!(service.get("/v1/payments?limit=0", ACME).await.status, 400);
+        let bad_filter = service.get("/v1/payments?customer_id=bad%20id", ACME).await;
+        assert_eq!(bad_filter.json()["errors"][0]["field"], "customer_id");
+        assert_eq!(
+            service
+                .get("/v1/payments?idempotency_key=", ACME)
+                .await
+                .status,
+            400
+        );
         assert_eq!(
             service
                 .get("/v1/payments?starting_after=pay_nope", ACME)
