@@ -16,14 +16,13 @@ use crate::engine::{
 };
 use crate::fingerprint::Fingerprint;
 use crate::store::{
-    ListQuery, NewPayment, NewRefund, Page, RefundOutcome, RefundPlan, RefundResult, RenderRefund,
-    Store, StoreError, SweepReport, plan_refund,
+    ListQuery, NewPayment, NewRefund, Page, RefundOutcome, RefundResult, RenderRefund, Store,
+    StoreError, SweepReport, accept_refund,
 };
 use crate::sync::{Arc, AtomicU64, Mutex, MutexGuard, Ordering, lock};
 use crate::time::{Clock, Timestamp};
 use crate::wire::{
-    CustomerId, ObjectKind, Payment, PaymentId, PaymentStatus, Refund, RewardEntry, RewardSource,
-    Rewards, TenantId,
+    CustomerId, Payment, PaymentId, PaymentStatus, RewardEntry, RewardSource, Rewards, TenantId,
 };
 
 /// Record shards: enough that two cores rarely meet on one lock.
@@ -333,44 +332,23 @@ fn insert_payment(book: &mut Book, new: NewPayment) {
 /// Decides and applies a refund in the book; `None` when the payment does not exist.
 fn refund_in_book(book: &mut Book, lease: &Lease, new: NewRefund) -> Option<RefundOutcome> {
     let index = *book.by_id.get(&new.payment_id)?;
-    let payment = &mut book.payments[index];
-    let (amount, points_after, points_delta) = match plan_refund(payment, new.amount) {
-        RefundPlan::NotRefundable => {
-            let payment = payment.clone();
-            return Some(RefundOutcome::NotRefundable { payment });
-        }
-        RefundPlan::Exceeds { remaining } => {
-            let payment = payment.clone();
-            return Some(RefundOutcome::Exceeds { payment, remaining });
-        }
-        RefundPlan::Refund {
-            amount,
-            points_after,
-            points_delta,
-        } => (amount, points_after, points_delta),
+    let accepted = match accept_refund(book.payments[index].clone(), &new) {
+        Ok(accepted) => accepted,
+        Err(refused) => return Some(*refused),
     };
-    payment.amount_refunded.0 += amount.0;
-    payment.reward_points = points_after;
-    let payment = payment.clone();
-    let refund = Refund {
-        id: new.refund_id,
-        object: ObjectKind,
-        payment_id: payment.id.clone(),
-        amount,
-        created_at: new.created_at,
-    };
+    book.payments[index] = accepted.payment.clone();
     let debit = RewardEntry {
         id: new.reward_entry_id,
         source: RewardSource::Refund,
-        payment_id: payment.id.clone(),
-        refund_id: Some(refund.id.clone()),
-        points: points_delta,
+        payment_id: accepted.payment.id.clone(),
+        refund_id: Some(accepted.refund.id.clone()),
+        points: accepted.points_delta,
         created_at: new.created_at,
     };
-    let ledger = book.rewards.entry(payment.customer_id.clone()).or_default();
-    ledger.push(debit);
+    let customer = accepted.payment.customer_id.clone();
+    book.rewards.entry(customer).or_default().push(debit);
     book.refund_attempts.insert(attempt(lease));
-    Some(RefundOutcome::Created { refund, payment })
+    Some(accepted.into_outcome())
 }
 
 #[cfg(all(test, not(loom)))]

@@ -14,8 +14,8 @@ use crate::engine::{Begin, Fenced, Lease, Policy, Record, Scope, StoredResponse}
 use crate::fingerprint::Fingerprint;
 use crate::time::Timestamp;
 use crate::wire::{
-    CustomerId, MinorUnits, Payment, PaymentId, PaymentStatus, Refund, RefundId, RewardEntryId,
-    Rewards, TenantId,
+    CustomerId, MinorUnits, ObjectKind, Payment, PaymentId, PaymentStatus, Refund, RefundId,
+    RewardEntryId, Rewards, TenantId,
 };
 
 /// Why a store operation failed.
@@ -285,6 +285,66 @@ pub fn plan_refund(payment: &Payment, requested: Option<MinorUnits>) -> RefundPl
         amount,
         points_after,
         points_delta: points_after - payment.reward_points,
+    }
+}
+
+/// A refund the payment allows, already applied to the payment: what a store must persist.
+#[derive(Clone, Debug)]
+pub struct AcceptedRefund {
+    /// The refund to insert.
+    pub refund: Refund,
+    /// The payment with its new `amount_refunded` and `reward_points`.
+    pub payment: Payment,
+    /// The points the refund's ledger entry takes back (zero or negative).
+    pub points_delta: i64,
+}
+
+impl AcceptedRefund {
+    /// The outcome to render and store once the refund is persisted.
+    pub fn into_outcome(self) -> RefundOutcome {
+        RefundOutcome::Created {
+            refund: self.refund,
+            payment: self.payment,
+        }
+    }
+}
+
+/// Decides `new` against `payment` as read inside the store's atomic step and, when it is
+/// allowed, applies it to the payment; every store persists the result the same way.
+///
+/// # Errors
+///
+/// The refusal to store as the key's outcome: the payment is not refundable, or the refund
+/// asks for more than is left.
+pub fn accept_refund(
+    mut payment: Payment,
+    new: &NewRefund,
+) -> Result<AcceptedRefund, Box<RefundOutcome>> {
+    match plan_refund(&payment, new.amount) {
+        RefundPlan::NotRefundable => Err(Box::new(RefundOutcome::NotRefundable { payment })),
+        RefundPlan::Exceeds { remaining } => {
+            Err(Box::new(RefundOutcome::Exceeds { payment, remaining }))
+        }
+        RefundPlan::Refund {
+            amount,
+            points_after,
+            points_delta,
+        } => {
+            payment.amount_refunded.0 += amount.0;
+            payment.reward_points = points_after;
+            let refund = Refund {
+                id: new.refund_id.clone(),
+                object: ObjectKind,
+                payment_id: payment.id.clone(),
+                amount,
+                created_at: new.created_at,
+            };
+            Ok(AcceptedRefund {
+                refund,
+                payment,
+                points_delta,
+            })
+        }
     }
 }
 

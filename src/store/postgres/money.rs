@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use oncepay_core::engine::Lease;
 use oncepay_core::store::{
-    ListQuery, NewPayment, NewRefund, Page, RefundOutcome, RefundPlan, StoreError, plan_refund,
+    ListQuery, NewPayment, NewRefund, Page, RefundOutcome, StoreError, accept_refund,
 };
 use oncepay_core::time::Timestamp;
 use oncepay_core::wire::{
-    Currency, CustomerId, MinorUnits, ObjectKind, Payment, PaymentId, PaymentStatus, Refund,
-    RefundId, RewardEntry, RewardEntryId, RewardSource, Rewards, TenantId,
+    Currency, CustomerId, MinorUnits, ObjectKind, Payment, PaymentId, PaymentStatus, RefundId,
+    RewardEntry, RewardEntryId, RewardSource, Rewards, TenantId,
 };
 use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgRow};
@@ -139,44 +139,36 @@ pub(super) async fn refund(
         .fetch_optional(&mut *connection)
         .await
         .map_err(store_error)?;
-    let Some(mut payment) = row.as_ref().map(payment_from_row).transpose()? else {
+    let Some(payment) = row.as_ref().map(payment_from_row).transpose()? else {
         return Ok(None);
     };
-    let (amount, points_after, points_delta) = match plan_refund(&payment, new.amount) {
-        RefundPlan::NotRefundable => return Ok(Some(RefundOutcome::NotRefundable { payment })),
-        RefundPlan::Exceeds { remaining } => {
-            return Ok(Some(RefundOutcome::Exceeds { payment, remaining }));
-        }
-        RefundPlan::Refund {
-            amount,
-            points_after,
-            points_delta,
-        } => (amount, points_after, points_delta),
+    let accepted = match accept_refund(payment, new) {
+        Ok(accepted) => accepted,
+        Err(refused) => return Ok(Some(*refused)),
     };
+    let (refund, payment) = (&accepted.refund, &accepted.payment);
 
     sqlx::query(
         "insert into refunds (tenant, id, payment_id, idempotency_key, claimed_at_ms, amount, \
          created_at_ms) values ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(tenant.as_str())
-    .bind(new.refund_id.as_str())
+    .bind(refund.id.as_str())
     .bind(payment.id.as_str())
     .bind(lease.scope.key.as_str())
     .bind(ms(lease.claimed_at))
-    .bind(amount.0)
-    .bind(ms(new.created_at))
+    .bind(refund.amount.0)
+    .bind(ms(refund.created_at))
     .execute(&mut *connection)
     .await
     .map_err(insert_error)?;
 
-    payment.amount_refunded.0 += amount.0;
-    payment.reward_points = points_after;
     sqlx::query(
         "update payments set amount_refunded = $1, reward_points = $2 \
          where tenant = $3 and id = $4",
     )
     .bind(payment.amount_refunded.0)
-    .bind(points_after)
+    .bind(payment.reward_points)
     .bind(tenant.as_str())
     .bind(payment.id.as_str())
     .execute(&mut *connection)
@@ -185,19 +177,12 @@ pub(super) async fn refund(
 
     let debit = Entry {
         id: &new.reward_entry_id,
-        refund_id: Some(&new.refund_id),
-        points: points_delta,
-        at: new.created_at,
+        refund_id: Some(&refund.id),
+        points: accepted.points_delta,
+        at: refund.created_at,
     };
-    insert_entry(connection, tenant, &payment, debit).await?;
-    let refund = Refund {
-        id: new.refund_id.clone(),
-        object: ObjectKind,
-        payment_id: payment.id.clone(),
-        amount,
-        created_at: new.created_at,
-    };
-    Ok(Some(RefundOutcome::Created { refund, payment }))
+    insert_entry(connection, tenant, payment, debit).await?;
+    Ok(Some(accepted.into_outcome()))
 }
 
 fn payment_from_row(row: &PgRow) -> Result<Payment, StoreError> {

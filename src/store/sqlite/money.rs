@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use oncepay_core::engine::Lease;
 use oncepay_core::store::{
-    ListQuery, NewPayment, NewRefund, Page, RefundOutcome, RefundPlan, StoreError, plan_refund,
+    ListQuery, NewPayment, NewRefund, Page, RefundOutcome, StoreError, accept_refund,
 };
 use oncepay_core::time::Timestamp;
 use oncepay_core::wire::{
-    Currency, CustomerId, MinorUnits, ObjectKind, Payment, PaymentId, PaymentStatus, Refund,
-    RefundId, RewardEntry, RewardEntryId, RewardSource, Rewards, TenantId,
+    Currency, CustomerId, MinorUnits, ObjectKind, Payment, PaymentId, PaymentStatus, RefundId,
+    RewardEntry, RewardEntryId, RewardSource, Rewards, TenantId,
 };
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
@@ -100,20 +100,14 @@ pub(super) fn refund(
     new: &NewRefund,
 ) -> Result<Option<RefundOutcome>, StoreError> {
     let tenant = &lease.scope.tenant;
-    let Some(mut payment) = self::payment(connection, tenant, &new.payment_id)? else {
+    let Some(payment) = self::payment(connection, tenant, &new.payment_id)? else {
         return Ok(None);
     };
-    let (amount, points_after, points_delta) = match plan_refund(&payment, new.amount) {
-        RefundPlan::NotRefundable => return Ok(Some(RefundOutcome::NotRefundable { payment })),
-        RefundPlan::Exceeds { remaining } => {
-            return Ok(Some(RefundOutcome::Exceeds { payment, remaining }));
-        }
-        RefundPlan::Refund {
-            amount,
-            points_after,
-            points_delta,
-        } => (amount, points_after, points_delta),
+    let accepted = match accept_refund(payment, new) {
+        Ok(accepted) => accepted,
+        Err(refused) => return Ok(Some(*refused)),
     };
+    let (refund, payment) = (&accepted.refund, &accepted.payment);
     let inserted = connection
         .prepare_cached(
             "insert into refunds (tenant, id, payment_id, idempotency_key, claimed_at_ms, amount, \
@@ -122,20 +116,18 @@ pub(super) fn refund(
         .and_then(|mut s| {
             s.execute(params![
                 tenant.as_str(),
-                new.refund_id.as_str(),
+                refund.id.as_str(),
                 payment.id.as_str(),
                 lease.scope.key.as_str(),
                 ms(lease.claimed_at),
-                amount.0,
-                ms(new.created_at),
+                refund.amount.0,
+                ms(refund.created_at),
             ])
         });
     match inserted {
         Err(err) if is_unique_violation(&err) => return Err(StoreError::DuplicateSideEffect),
         other => other.map_err(unavailable)?,
     };
-    payment.amount_refunded.0 += amount.0;
-    payment.reward_points = points_after;
     connection
         .prepare_cached(
             "update payments set amount_refunded = ?1, reward_points = ?2 where id = ?3",
@@ -143,7 +135,7 @@ pub(super) fn refund(
         .and_then(|mut s| {
             s.execute(params![
                 payment.amount_refunded.0,
-                points_after,
+                payment.reward_points,
                 payment.id.as_str()
             ])
         })
@@ -151,20 +143,13 @@ pub(super) fn refund(
     insert_entry(
         connection,
         tenant,
-        &payment,
+        payment,
         &new.reward_entry_id,
-        Some(&new.refund_id),
-        points_delta,
-        new.created_at,
+        Some(&refund.id),
+        accepted.points_delta,
+        refund.created_at,
     )?;
-    let refund = Refund {
-        id: new.refund_id.clone(),
-        object: ObjectKind,
-        payment_id: payment.id.clone(),
-        amount,
-        created_at: new.created_at,
-    };
-    Ok(Some(RefundOutcome::Created { refund, payment }))
+    Ok(Some(accepted.into_outcome()))
 }
 
 const PAYMENT_COLUMNS: &str = "id, amount, currency, customer_id, description, metadata, status, \
